@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test` (both run `setup` first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torchvision's PyPI wheel must match torch exactly; pin both so pip never swaps torch for another build.
+TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
+TORCHSCALE_SPEC ?= torchscale==0.3.0
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	# torchscale 0.3.0 pins timm==0.6.13 and fairscale==0.4.0, which conflict with open-clip-torch's timm>=1.0.17;
+	# it runs unchanged on current timm/fairscale (tests/models/test_beit3.py proves it), so install it without its pins.
+	$(PY) -m pip install -q --no-deps $(TORCHSCALE_SPEC)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/tpas demo
+
+test: setup
+	$(VENV)/bin/ruff check tpas tests benchmarks
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check tpas tests benchmarks
+	$(VENV)/bin/ruff format --check tpas tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_postprocess.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

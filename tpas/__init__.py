@@ -1,0 +1,8 @@
+"""tpas: Text-based Person Anomaly Search toolkit."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("tpas")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+local"

@@ -1,0 +1,36 @@
+"""Typed errors. The CLI turns a TpasInputError into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TpasError(Exception):
+    """Base class of every error tpas raises on purpose."""
+
+
+class TpasInputError(TpasError, ValueError):
+    """Bad user input: a file, line, record or id that is not what was expected.
+
+    Args:
+        message: what was expected and what was found.
+        path: the file at fault, when there is one.
+        where: a location inside it ("line 17", "record 3", "query 'ABC'").
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, where: str | None = None):
+        self.message = message
+        self.path = None if path is None else Path(path)
+        self.where = where
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        prefix = ""
+        if self.path is not None:
+            prefix = f"{self.path}"
+            if self.where:
+                prefix += f", {self.where}"
+            prefix += ": "
+        elif self.where:
+            prefix = f"{self.where}: "
+        return prefix + self.message
