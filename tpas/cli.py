@@ -51,6 +51,107 @@ def existing_file(path: Path) -> Path:
 # Commands are defined below, grouped by stage: scoring/submission, ensemble, inference, training, demo.
 
 
+# --- training data: synthetic mini-PAB (issue 7) ---
+@app.command("synth")
+def synth_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (the mini-PAB root).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes byte-identical files.")] = 0,
+    identities: Annotated[int, typer.Option(help="Training identities (2 images each: normal + anomalous).")] = 100,
+    val_identities: Annotated[int, typer.Option(help="Validation identities (2 images each).")] = 20,
+    test_identities: Annotated[int, typer.Option(help="Test identities (2 images each).")] = 30,
+    distractors: Annotated[int, typer.Option(help="Extra distractor images in the name-masked gallery.")] = 40,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 64,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 128,
+    train_files: Annotated[int, typer.Option(help="Number of annotation/train/attr_K.json files.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Generate a synthetic mini-PAB (images, pose maps, annotations, name-masked set, vocab) in the PAB layouts."""
+    from rich.progress import Progress
+
+    from .data.synthetic import generate_mini_pab
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("drawing", total=None)
+        mp = generate_mini_pab(
+            out,
+            seed=seed,
+            n_identities=identities,
+            n_val_identities=val_identities,
+            n_test_identities=test_identities,
+            n_distractors=distractors,
+            image_size=(width, height),
+            n_train_files=train_files,
+            overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    console.print(
+        f"mini-PAB in {mp.root}: {mp.n_train_pairs} training pairs, {mp.n_val_images} val / {mp.n_test_images} test "
+        f"images, name-masked gallery of {mp.n_gallery}; vocab {mp.vocab}"
+    )
+
+
+# --- report: static HTML page of every model's top-5 per query (issue 8) ---
+@app.command("report")
+def report_cmd(
+    sims: Annotated[list[Path], typer.Argument(help="SimsMatrix files: each model, and the ensemble.")],
+    gt: Annotated[Path, typer.Option("--gt", help="Test annotation with the ground truth (attr.json).")],
+    images: Annotated[Path, typer.Option("--images", help="Gallery image folder (ids = file stems).")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML page to write; its assets go beside it.")],
+    names: Annotated[
+        str | None, typer.Option("--names", help="Comma-separated display names, one per SIMS (default: stems).")
+    ] = None,
+    tuning_trials: Annotated[
+        Path | None, typer.Option("--tuning-trials", help="Trials CSV of `tpas tune`: adds the tuning-surface plot.")
+    ] = None,
+    objective: Annotated[
+        str | None, typer.Option("--objective", help="Objective column of the trials CSV (default: detected).")
+    ] = None,
+    max_queries: Annotated[
+        int | None, typer.Option("--max-queries", help="Show at most N queries (disagreements first).")
+    ] = None,
+) -> None:
+    """Write a static HTML report: per query the caption and each model's top-5 framed green/blue/red, plus plots."""
+    from rich.progress import Progress
+
+    from .data.pab import load_ground_truth
+    from .scoring.plots import read_trials
+    from .scoring.report import build_report
+    from .sims import SimsMatrix
+
+    labels = [s.stem for s in sims] if names is None else [n.strip() for n in names.split(",")]
+    if len(labels) != len(sims):
+        raise TpasInputError(f"--names gives {len(labels)} names for {len(sims)} SIMS files")
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise TpasInputError(f"display names must be unique and non-empty, got {labels} (use --names)")
+    models = {label: SimsMatrix.load(existing_file(p)) for label, p in zip(labels, sims, strict=True)}
+    truth = load_ground_truth(existing_file(gt))
+    trials = read_trials(tuning_trials) if tuning_trials is not None else None
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("report", total=None)
+        rep = build_report(
+            models,
+            truth,
+            images,
+            out,
+            trials=trials,
+            objective=objective,
+            max_queries=max_queries,
+            progress=lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total),
+        )
+    from rich.table import Table
+
+    table = Table(title=f"{rep.n_queries} queries ({rep.n_shown} shown, {rep.n_disagree} with differing top-1)")
+    table.add_column("model")
+    for m in rep.metrics.columns:
+        table.add_column(m, justify="right")
+    for name, row in rep.metrics.iterrows():
+        table.add_row(str(name), *(f"{v:.2f}" for v in row))
+    console.print(table)
+    if rep.identity_source is None:
+        console.print("[yellow]note:[/] the annotation has no identity information; no blue frames drawn")
+    console.print(f"report: {rep.path} ({rep.n_thumbnails} thumbnails, {len(rep.plots)} plots in {rep.assets})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning input errors into one line and exit code 2."""
     try:

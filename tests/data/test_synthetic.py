@@ -1,0 +1,120 @@
+"""The synthetic mini-PAB: PAB layouts every reader accepts, IHNM pairs, determinism, vocabulary, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tpas.cli import app
+from tpas.data.pab import list_gallery, load_ground_truth, read_queries, read_query_index, read_train_annotation
+from tpas.data.synthetic import MiniPab, generate_mini_pab
+from tpas.errors import TpasInputError
+
+SMALL = {"n_identities": 6, "n_val_identities": 2, "n_test_identities": 3, "n_distractors": 2, "image_size": (32, 64)}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory: pytest.TempPathFactory) -> MiniPab:
+    return generate_mini_pab(tmp_path_factory.mktemp("a") / "pab", seed=3, **SMALL)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(mini: MiniPab, tmp_path: Path) -> None:
+    again = generate_mini_pab(tmp_path / "b", seed=3, **SMALL)
+    assert _tree(mini.root) == _tree(again.root)
+    other = generate_mini_pab(tmp_path / "c", seed=4, **SMALL)
+    assert _tree(other.root)["annotation/train/attr_0.json"] != _tree(mini.root)["annotation/train/attr_0.json"]
+
+
+def test_train_records_form_identity_hard_negative_pairs(mini: MiniPab) -> None:
+    records = read_train_annotation(mini.train_annotations)
+    assert len(records) == mini.n_train_pairs == 6 * 2 * 2
+    by_id = {r.image_id: r for r in records}
+    for r in records:
+        assert (mini.root / r.image).is_file()
+        assert (mini.root / "pose" / r.image).is_file()
+        # hard_i is relative to train/ (the original loader prefixes it), and so is its pose map.
+        assert (mini.root / "train" / r.hard_i).is_file()
+        assert (mini.root / "pose" / "train" / r.hard_i).is_file()
+        partner = by_id[r.hard_i_id]
+        assert partner.image == f"train/{r.hard_i}"
+        assert partner.hard_i_id == r.image_id
+        assert partner.is_anomaly != r.is_anomaly
+        assert partner.scene == r.scene
+        assert r.hard_c in {p.caption for p in records if p.image_id == r.hard_i_id}
+        assert ("/goal/" in r.image) == (not r.is_anomaly)
+    raw = json.loads(mini.train_annotations[0].read_text())
+    fields = "image caption image_id hard_i hard_c hard_i_id source_id source_caption normal scene"
+    assert set(raw[0]) == set(fields.split())
+
+
+def test_eval_splits_load_as_ground_truth_with_both_behaviours(mini: MiniPab) -> None:
+    for path, n in ((mini.test_annotation, mini.n_test_images), (mini.val_annotation, mini.n_val_images)):
+        gt = load_ground_truth(path)
+        assert len(set(gt.relevant.values())) == n
+        assert set(gt.frame["behaviour"]) == {"normal", "anomaly"}
+        assert "scene" in gt.frame and "person_id" in gt.frame
+        split = path.parent.name
+        for gid in gt.relevant.values():
+            img = Image.open(mini.root / split / f"{gid}.jpg")
+            pose = Image.open(mini.root / "pose" / split / f"{gid}.jpg")
+            assert img.size == pose.size == (32, 64)
+
+
+def test_name_masked_set_is_consistent(mini: MiniPab) -> None:
+    queries = read_queries(mini.query_json)
+    order = read_query_index(mini.query_index)
+    assert [q.id for q in queries] == order
+    assert all(len(q) == 15 and q.isupper() for q in order)
+    gallery = list_gallery(mini.gallery_dir)
+    assert len(gallery) == mini.n_gallery == 3 * 2 + 2
+    assert all((mini.pose_dir / "name-masked_test-set" / "gallery" / g.path.name).is_file() for g in gallery)
+    gt = load_ground_truth(mini.ground_truth)
+    assert set(gt.relevant.values()) <= {g.id for g in gallery}
+    # Each ground-truth record names its query; its caption is that query's caption.
+    truth = {r["query_index"]: r for r in json.loads(mini.ground_truth.read_text())}
+    assert set(truth) == set(order)
+    assert all(truth[q.id]["caption"] == [q.caption] for q in queries)
+
+
+def test_vocab_is_bert_compatible_and_covers_the_captions(mini: MiniPab) -> None:
+    from transformers import BertTokenizer
+
+    lines = mini.vocab.read_text().splitlines()
+    assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = BertTokenizer(str(mini.vocab), do_lower_case=True)
+    assert tok.pad_token_id == 0
+    caption = read_train_annotation(mini.train_annotations)[0].caption
+    ids = tok(caption)["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.unk_token_id not in ids
+    assert tok.unk_token_id not in tok("Zebra-crossing, 42 xylophones!")["input_ids"]
+
+
+def test_refuses_a_non_empty_folder_and_bad_sizes(mini: MiniPab, tmp_path: Path) -> None:
+    with pytest.raises(TpasInputError, match="not empty"):
+        generate_mini_pab(mini.root, seed=3, **SMALL)
+    with pytest.raises(TpasInputError, match="too small"):
+        generate_mini_pab(tmp_path / "x", seed=0, n_identities=1, image_size=(8, 8))
+
+
+def test_cli_synth_writes_the_layout_and_reports_errors_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["synth", "--out", str(tmp_path / "m"), "--identities", "3", "--val-identities", "1",
+            "--test-identities", "2", "--distractors", "1", "--width", "32", "--height", "48"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "annotation" / "train" / "attr_0.json").is_file()
+    assert len(list((tmp_path / "m" / "name-masked_test-set" / "gallery").glob("*.jpg"))) == 5
+    from tpas.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
