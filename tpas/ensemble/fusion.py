@@ -1,0 +1,278 @@
+"""Fusion of aligned score matrices: `iterative` (the seed's nested weighting), `wsum` and `rrf` (ranx names).
+
+Every method works on blocks of query rows: a normalised input is produced block by block (`Prepared.rows`), so
+the only full-size allocation is the fused output, and a tuning trial can score a block and throw it away.
+
+iterative: s = norm(m_1); s = w_k * s + (1 - w_k) * norm(m_k) for k = 2..n, one weight per step, each taken by name
+from the config. With order [itm, beit3, blip2, clip] and weights [1 - wb, wl, wc] this is, operation for operation,
+the seed's `(((1-wb)*ITM + wb*BEiT3)*wl + (1-wl)*BLIP2)*wc + (1-wc)*CLIP`.
+wsum: s = sum_k w_k * norm(m_k).
+rrf: s = sum_k w_k / (k + rank_k), rank over each input's top-`depth` cells (1-based, stable ties); cells beyond
+that depth add nothing. Normalisation does not change ranks, so rrf ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import TpasInputError
+from ..ranking import topk_stable
+from ..sims import SimsMatrix
+from .normalize import AffineParams, affine_params, check_method, normalize
+from .rerank_fill import FilledTopK
+
+FUSIONS: dict[str, Callable[..., None]] = {}
+BLOCK_BYTES = 4 << 20  # one block of rows ~ 4 MiB: stays in cache across the per-input passes
+
+
+def register_fusion(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a block fusion `fn(inputs, spec, start, stop, out)` under `name` (the config's `fuse.method`)."""
+
+    def deco(fn: Callable[..., None]) -> Callable[..., None]:
+        FUSIONS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class Prepared:
+    """One input ready for fusion: raw scores (dense or top-K with fill) plus its normalisation.
+
+    `params` is the affine normalisation; when None, `dense` already holds normalised scores (non-affine methods).
+    """
+
+    name: str
+    dense: torch.Tensor | None = None
+    topk: FilledTopK | None = None
+    params: AffineParams | None = None
+    method: str = "min-max"
+    scope: str = "global"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape) if self.dense is not None else self.topk.shape  # type: ignore[return-value]
+
+    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised dense rows [start, stop), written into `out` when given."""
+        if self.topk is not None:
+            return self.topk.rows(start, stop, self.params, out=out)
+        x = self.dense[start:stop]
+        if self.params is None:
+            return x if out is None else out.copy_(x)
+        return self.params.apply(x, out=out)
+
+    def raw_topk(self, start: int, stop: int, depth: int) -> tuple[torch.Tensor, int]:
+        """Columns [b, d] of each row's best cells (stable ties), best first, and d (<= depth; <= K for top-K)."""
+        if self.topk is not None:
+            idx, vals = self.topk.indices[start:stop], self.topk.values[start:stop]
+            d = min(depth, idx.shape[1])
+            # Stable rule on the kept cells: by score, then by gallery column.
+            by_col = idx.sort(dim=1)
+            vals_by_col = vals.gather(1, by_col.indices)
+            order = vals_by_col.sort(dim=1, descending=True, stable=True).indices[:, :d]
+            return by_col.values.gather(1, order), d
+        d = min(depth, self.dense.shape[1])
+        return topk_stable(self.dense[start:stop], d), d
+
+
+def prepare(
+    name: str, m: SimsMatrix, method: str = "min-max", scope: str = "global", fill: float | str = "row-min"
+) -> Prepared:
+    """Wrap an (aligned) SimsMatrix for fusion with its normalisation; a top-K matrix stays top-K."""
+    check_method(method, scope, key=f"normalize ({name})")
+    if m.is_dense:
+        params = affine_params(m.scores, method, scope)
+        if params is None:
+            return Prepared(name, dense=normalize(m.scores, method, scope), method=method, scope=scope)
+        return Prepared(name, dense=m.scores, params=params, method=method, scope=scope)
+    ftk = FilledTopK.from_sims(m, fill)
+    params = ftk.affine_params(method, scope)
+    if params is None:
+        return Prepared(name, dense=normalize(ftk.dense(), method, scope), method=method, scope=scope)
+    return Prepared(name, topk=ftk, params=params, method=method, scope=scope)
+
+
+@dataclass
+class FuseSpec:
+    """What to fuse and how: `method`, input `order`, `weights` (list for iterative, {name: w} for wsum/rrf),
+    rrf's `k` and `depth`."""
+
+    method: str = "iterative"
+    order: list[str] = field(default_factory=list)
+    weights: list[float] | dict[str, float] | None = None
+    k: float = 60.0
+    depth: int = 1000
+
+    def validate(self, names: Sequence[str] | None = None) -> None:
+        """TpasInputError naming the config key for every inconsistency."""
+        if self.method not in FUSIONS:
+            raise TpasInputError(f"fuse.method: unknown fusion {self.method!r}; choose one of {sorted(FUSIONS)}")
+        if not self.order:
+            raise TpasInputError("fuse.order: the fusion list is empty; name at least one input")
+        if len(set(self.order)) != len(self.order):
+            raise TpasInputError(f"fuse.order: an input is listed twice ({self.order})")
+        if names is not None:
+            for n in self.order:
+                if n not in names:
+                    raise TpasInputError(f"fuse.order: unknown input {n!r}; inputs are {list(names)}")
+        if self.method == "iterative":
+            w = self.weights if self.weights is not None else []
+            if not isinstance(w, (list, tuple)):
+                raise TpasInputError(
+                    "fuse.weights: iterative fusion takes a list, one weight per input after the first"
+                )
+            if len(w) != len(self.order) - 1:
+                raise TpasInputError(
+                    f"fuse.weights: iterative fusion of {len(self.order)} inputs needs {len(self.order) - 1} "
+                    f"weights, got {len(w)}"
+                )
+            for i, v in enumerate(w):
+                _check_weight(v, f"fuse.weights[{i}]")
+        else:
+            w = self.weights
+            if w is None:
+                return
+            if not isinstance(w, Mapping):
+                raise TpasInputError(f"fuse.weights: {self.method} takes weights by name, {{name: w}}")
+            for n, v in w.items():
+                if n not in self.order:
+                    raise TpasInputError(f"fuse.weights.{n}: {n!r} is not in fuse.order {self.order}")
+                _check_weight(v, f"fuse.weights.{n}")
+        if self.method == "rrf":
+            if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k >= 0:
+                raise TpasInputError(f"fuse.k: must be a number >= 0, got {self.k!r}")
+            if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
+                raise TpasInputError(f"fuse.depth: must be an integer >= 1, got {self.depth!r}")
+
+    def weight_of(self, name: str) -> float:
+        """The weight of input `name` for wsum/rrf (1.0 when not given)."""
+        if isinstance(self.weights, Mapping):
+            return float(self.weights.get(name, 1.0))
+        return 1.0
+
+    def effective_weights(self) -> dict[str, float]:
+        """The linear coefficient each input ends up with (iterative/wsum), for reports."""
+        if self.method == "iterative":
+            ws = [float(w) for w in (self.weights or [])]
+            out = {}
+            for j, n in enumerate(self.order):
+                c = 1.0 if j == 0 else 1.0 - ws[j - 1]
+                for w in ws[j:]:
+                    c *= w
+                out[n] = c
+            return out
+        return {n: self.weight_of(n) for n in self.order}
+
+
+def _check_weight(v: Any, key: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+        raise TpasInputError(f"{key}: weight must be a number in [0, 1], got {v!r}")
+
+
+@register_fusion("iterative")
+def _iterative(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> None:
+    tmp = torch.empty_like(out)
+    s = inputs[0].rows(start, stop, out=out)
+    for p, w in zip(inputs[1:], spec.weights or [], strict=True):
+        w = float(w)
+        t = p.rows(start, stop, out=tmp)
+        # Same float operations, in the same order, as w * s + (1 - w) * t.
+        s.mul_(w)
+        t.mul_(1.0 - w)
+        s.add_(t)
+
+
+@register_fusion("wsum")
+def _wsum(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> None:
+    tmp = torch.empty_like(out)
+    s = inputs[0].rows(start, stop, out=out)
+    s.mul_(spec.weight_of(inputs[0].name))
+    for p in inputs[1:]:
+        t = p.rows(start, stop, out=tmp)
+        t.mul_(spec.weight_of(p.name))
+        s.add_(t)
+
+
+@register_fusion("rrf")
+def _rrf(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> None:
+    out.zero_()
+    for p in inputs:
+        cols, d = p.raw_topk(start, stop, int(spec.depth))
+        ranks = torch.arange(1, d + 1, dtype=out.dtype)
+        contrib = (spec.weight_of(p.name) / (float(spec.k) + ranks)).expand(stop - start, d)
+        out.scatter_add_(1, cols, contrib.contiguous())
+
+
+def block_rows(n_cols: int) -> int:
+    """Rows per block so one float32 block is about BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // max(1, 4 * n_cols))
+
+
+def fuse_rows(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Fuse rows [start, stop) into `out` [stop - start, G]."""
+    FUSIONS[spec.method](inputs, spec, start, stop, out)
+    return out
+
+
+def fuse_prepared(
+    inputs: Sequence[Prepared], spec: FuseSpec, progress: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Fuse prepared inputs (in `spec.order`) into one dense [Q, G] tensor, block by block."""
+    q, g = inputs[0].shape
+    dtype = inputs[0].dense.dtype if inputs[0].dense is not None else inputs[0].topk.values.dtype
+    out = torch.empty(q, g, dtype=dtype)
+    step = block_rows(g)
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        fuse_rows(inputs, spec, start, stop, out[start:stop])
+        if progress is not None:
+            progress(stop, q)
+    return out
+
+
+def fuse(
+    matrices: Mapping[str, SimsMatrix],
+    spec: FuseSpec,
+    normalization: Mapping[str, tuple[str, str]] | tuple[str, str] = ("min-max", "global"),
+    fill: Mapping[str, float | str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimsMatrix:
+    """Fuse SimsMatrix inputs by name; every input is aligned by ids to the first of `spec.order`.
+
+    Args:
+        matrices: name -> SimsMatrix (dense or top-K).
+        spec: the fusion (method, order, weights, rrf k/depth).
+        normalization: (method, scope) for every input, or a mapping name -> (method, scope).
+        fill: name -> fill rule of top-K inputs ("row-min" by default).
+    Returns:
+        A dense SimsMatrix with source "fused".
+    """
+    spec.validate(list(matrices))
+    ref = matrices[spec.order[0]]
+    prepared = []
+    for name in spec.order:
+        m = matrices[name].align(ref)
+        method, scope = normalization[name] if isinstance(normalization, Mapping) else normalization
+        prepared.append(prepare(name, m, method, scope, (fill or {}).get(name, "row-min")))
+    scores = fuse_prepared(prepared, spec, progress)
+    meta = {
+        "fusion": {"method": spec.method, "order": list(spec.order), "weights": _plain(spec.weights)},
+        "effective_weights": spec.effective_weights() if spec.method != "rrf" else {},
+        "normalize": {p.name: {"method": p.method, "scope": p.scope} for p in prepared},
+    }
+    if spec.method == "rrf":
+        meta["fusion"].update({"k": float(spec.k), "depth": int(spec.depth)})
+    return SimsMatrix(ref.query_ids, ref.gallery_ids, scores=scores, source="fused", meta=meta)
+
+
+def _plain(w: Any) -> Any:
+    if w is None:
+        return None
+    if isinstance(w, Mapping):
+        return {str(k): float(v) for k, v in w.items()}
+    return [float(v) for v in w]

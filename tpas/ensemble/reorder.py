@@ -1,0 +1,64 @@
+"""Shared by the post-processing steps that move one candidate to the front of a ranking (SCA, assignment).
+
+A step changes a ranking, not a model's opinion, so it permutes the scores among each changed row's top-`depth`
+cells: the new first cell takes the row's best score, the others keep their order and take the next scores down.
+Cells beyond the depth are untouched, so the written ranking (stable descending order) is exactly the new order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ranking import topk_stable
+from ..sims import SimsMatrix
+
+
+def scores_of(m: SimsMatrix) -> torch.Tensor:
+    """The dense scores of a matrix (a top-K matrix is densified with its row minimum)."""
+    return m.scores if m.is_dense else m.to_dense("row-min")
+
+
+def top1_collisions(first: torch.Tensor, n_cols: int) -> dict[str, int]:
+    """How many gallery images are the top-1 of more than one query, and how many queries share one."""
+    counts = torch.bincount(first, minlength=n_cols)
+    shared = counts > 1
+    return {"images": int(shared.sum()), "queries": int(counts[shared].sum())}
+
+
+def move_to_front(scores: torch.Tensor, cand: torch.Tensor, pos: torch.Tensor) -> int:
+    """In place: for each row r with pos[r] > 0, move candidate cand[r, pos[r]] to the front of cand[r].
+
+    `cand` [Q, D] is each row's current top-D order (best first). Returns the number of rows changed.
+    """
+    rows = (pos > 0).nonzero().flatten()
+    if len(rows) == 0:
+        return 0
+    c = cand[rows]
+    p = pos[rows]
+    d = c.shape[1]
+    ar = torch.arange(d).expand(len(rows), d)
+    # New order: the chosen slot, then every other slot in its old order.
+    key = torch.where(ar == p[:, None], torch.full_like(ar, -1), ar)
+    new_order = c.gather(1, key.argsort(dim=1))
+    vals = scores[rows].gather(1, c)  # old top-D scores, descending
+    vals = _strictly_decreasing(vals)
+    sub = scores[rows]
+    sub.scatter_(1, new_order, vals)
+    scores[rows] = sub
+    return len(rows)
+
+
+def _strictly_decreasing(vals: torch.Tensor) -> torch.Tensor:
+    # Equal scores would let the stable tie rule reorder the moved cells by gallery column; step such values down
+    # by one ulp each so the new order is the written order.
+    vals = vals.clone()
+    for j in range(1, vals.shape[1]):
+        tie = vals[:, j] >= vals[:, j - 1]
+        if tie.any():
+            vals[tie, j] = torch.nextafter(vals[tie, j - 1], torch.tensor(float("-inf"), dtype=vals.dtype))
+    return vals
+
+
+def top_candidates(scores: torch.Tensor, depth: int) -> torch.Tensor:
+    """Each row's top-`depth` columns under the stable tie rule, best first."""
+    return topk_stable(scores, min(depth, scores.shape[1]))

@@ -1,0 +1,149 @@
+"""Re-scoring with the whole query set: dual softmax, inverted softmax (QB-Norm), Sinkhorn balancing.
+
+Each of these looks at every test query before scoring any one of them (they are *transductive*): a gallery image
+that many queries like is made less attractive to all of them. Challenge rules that forbid using the test queries
+jointly forbid these steps; the output's meta says `transductive: true` so a file's provenance is never in doubt.
+
+- dual-softmax: S * softmax(S / T) over queries (dim 0).
+- inverted-softmax (alias qb-norm): log of exp(S / T) / sum_b exp(B_b / T), where B is a query bank [Nb, G]
+  (another matrix over the same gallery, e.g. training captions) or, without a bank, the test queries themselves.
+- sinkhorn: log of the doubly balanced transport plan of exp(S / epsilon) (uniform marginals, `iterations` rounds).
+Every pass runs over blocks of rows, so the extra memory is a few blocks, not a matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TpasInputError
+from ..sims import SimsMatrix
+from .fusion import block_rows
+from .reorder import scores_of
+
+RESCORERS: dict[str, Callable[..., torch.Tensor]] = {}
+DEFAULTS: dict[str, Any] = {
+    "method": "dual-softmax",
+    "temperature": 0.02,
+    "bank": None,
+    "epsilon": 0.05,
+    "iterations": 10,
+}
+ALIASES = {"qb-norm": "inverted-softmax"}
+
+
+def register_rescorer(name: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register `fn(scores [Q, G] (modified in place), params, bank) -> scores` under `name`."""
+
+    def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        RESCORERS[name] = fn
+        return fn
+
+    return deco
+
+
+def validate(params: dict[str, Any] | None, key: str, base_dir: Path | None = None) -> dict[str, Any]:
+    """Defaults filled in, values checked (TpasInputError naming `key.<param>`), the bank path resolved."""
+    p = dict(DEFAULTS)
+    for k, v in (params or {}).items():
+        if k not in DEFAULTS:
+            raise TpasInputError(f"{key}.{k}: unknown re-scoring parameter; known: {sorted(DEFAULTS)}")
+        p[k] = v
+    p["method"] = ALIASES.get(p["method"], p["method"])
+    if p["method"] not in RESCORERS:
+        raise TpasInputError(f"{key}.method: {p['method']!r} is not one of {sorted([*RESCORERS, *ALIASES])}")
+    for k in ("temperature", "epsilon"):
+        v = p[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise TpasInputError(f"{key}.{k}: expected a number > 0, got {v!r}")
+    it = p["iterations"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        raise TpasInputError(f"{key}.iterations: expected an integer >= 1, got {it!r}")
+    if p["bank"] is not None:
+        path = Path(str(p["bank"]))
+        p["bank"] = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+    return p
+
+
+def _column_logsumexp(x: torch.Tensor, scale: float, add_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """logsumexp over rows of (x * scale [+ add_rows[:, None]]), one [G] vector, computed block by block."""
+    q, g = x.shape
+    acc = torch.full((g,), float("-inf"), dtype=torch.float64)
+    step = block_rows(g)
+    for i in range(0, q, step):
+        b = x[i : i + step].double() * scale
+        if add_rows is not None:
+            b += add_rows[i : i + step, None]
+        acc = torch.logaddexp(acc, torch.logsumexp(b, dim=0))
+    return acc
+
+
+@register_rescorer("dual-softmax")
+def _dual_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
+    inv_t = 1.0 / float(p["temperature"])
+    lse = _column_logsumexp(s, inv_t)
+    step = block_rows(s.shape[1])
+    for i in range(0, s.shape[0], step):
+        b = s[i : i + step]
+        b.mul_(torch.exp(b.double() * inv_t - lse).to(s.dtype))
+    return s
+
+
+@register_rescorer("inverted-softmax")
+def _inverted_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
+    inv_t = 1.0 / float(p["temperature"])
+    lse = _column_logsumexp(bank if bank is not None else s, inv_t)
+    step = block_rows(s.shape[1])
+    for i in range(0, s.shape[0], step):
+        b = s[i : i + step]
+        b.copy_((b.double() * inv_t - lse).to(s.dtype))
+    return s
+
+
+@register_rescorer("sinkhorn")
+def _sinkhorn(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
+    q, g = s.shape
+    inv_e = 1.0 / float(p["epsilon"])
+    log_a, log_b = -math.log(q), -math.log(g)
+    u = torch.zeros(q, dtype=torch.float64)
+    v = torch.zeros(g, dtype=torch.float64)
+    step = block_rows(g)
+    for _ in range(int(p["iterations"])):
+        for i in range(0, q, step):
+            b = s[i : i + step].double() * inv_e + v
+            u[i : i + step] = log_a - torch.logsumexp(b, dim=1)
+        v = log_b - _column_logsumexp(s, inv_e, add_rows=u)
+    for i in range(0, q, step):
+        b = s[i : i + step]
+        b.copy_((b.double() * inv_e + v + u[i : i + step, None]).to(s.dtype))
+    return s
+
+
+def rescore(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool = False):
+    """Apply one re-scoring method; returns the new matrix and a report. The meta is marked transductive."""
+    p = validate(params, "rescore")
+    scores = scores_of(sims)
+    if not (inplace and sims.is_dense):
+        scores = scores.clone()
+    bank = None
+    if p["bank"] is not None:
+        if p["method"] != "inverted-softmax":
+            raise TpasInputError(f"rescore.bank: only inverted-softmax uses a query bank, not {p['method']}")
+        bm = SimsMatrix.load(p["bank"])
+        bm = bm.align(query_ids=bm.query_ids, gallery_ids=sims.gallery_ids)
+        bank = scores_of(bm)
+    RESCORERS[p["method"]](scores, p, bank)
+    if not torch.isfinite(scores).all():
+        raise TpasInputError(
+            f"rescore.{p['method']}: scores overflowed; raise the temperature/epsilon (now "
+            f"{p['temperature'] if p['method'] != 'sinkhorn' else p['epsilon']})"
+        )
+    report = {"step": "rescore", "params": {k: v for k, v in p.items() if v is not None}, "transductive": True}
+    meta = dict(sims.meta)
+    meta["post"] = [*meta.get("post", []), report]
+    meta["transductive"] = True
+    return SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta), report
