@@ -160,6 +160,35 @@ def _stage_window(table_rows: int) -> int:
     return (side + 1) // 2
 
 
+def observed_image_size(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Input resolution a Swin state dict pins down, or None when its tensors do not determine it.
+
+    A shifted-window mask [nW, N, N] at stage i gives that stage's grid = sqrt(nW) * window_i; otherwise a stage
+    whose window shrank below the others' has grid == its window. Without either (no mask buffers saved and no shrunk
+    window) every resolution fits the weights, and the caller's config decides.
+    """
+    sd = state_dict
+    patch = sd["vision_encoder.patch_embed.proj.weight"].shape[-1]
+    windows: dict[int, int] = {}
+    for k, v in sd.items():
+        m = re.match(r"vision_encoder\.layers\.(\d+)\.blocks\.0\.attn\.relative_position_bias_table$", k)
+        if m:
+            windows[int(m.group(1))] = _stage_window(v.shape[0])
+    masks = sorted(
+        (int(m.group(1)), int(m.group(2)), k)
+        for k in sd
+        if (m := re.match(r"vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn_mask$", k))
+    )
+    for stage, _, key in masks:
+        if stage in windows:
+            return math.isqrt(sd[key].shape[0]) * windows[stage] * patch * 2**stage
+    widest = max(windows.values(), default=0)
+    for stage in sorted(windows):
+        if windows[stage] < widest:
+            return windows[stage] * patch * 2**stage
+    return None
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], base: CMPConfig | None = None) -> CMPConfig:
     """The architecture a CMP state dict (keys as in cmp.pth) was built with.
 
@@ -196,23 +225,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], base: CMPConfig | None = N
     window = max(windows)
     # Image size: a shifted-window mask [nW, N, N] at stage i gives that stage's grid = sqrt(nW) * window_i;
     # otherwise a stage whose window shrank below `window` has grid == its window.
-    image_size = None
-    for i in range(n_stages):
-        for b in sorted(stage_blocks.get(i, ())):
-            key = f"vision_encoder.layers.{i}.blocks.{b}.attn_mask"
-            if key in sd:
-                grid = math.isqrt(sd[key].shape[0]) * windows[i]
-                image_size = grid * patch * 2**i
-                break
-        if image_size is not None:
-            break
-    if image_size is None:
-        for i in range(n_stages):
-            if windows[i] < window:
-                image_size = windows[i] * patch * 2**i
-                break
-    if image_size is None:
-        image_size = base.image_size
+    image_size = observed_image_size(sd) or base.image_size
 
     vocab, width = shape("text_encoder.bert.embeddings.word_embeddings.weight")
     max_pos = shape("text_encoder.bert.embeddings.position_embeddings.weight")[0]

@@ -37,7 +37,7 @@ from torch import nn
 from ...errors import TpasInputError
 from ..base import Features, RetrievalModel
 from .bert import BertForMaskedLM
-from .config import CMPConfig, infer_config
+from .config import CMPConfig, infer_config, observed_image_size
 from .swin import SwinEncoder, adaptive_pool_tokens
 from .text import CMPTokenizer, find_vocab
 
@@ -283,6 +283,9 @@ class CMP(RetrievalModel):
         if config is not None:
             given = config if isinstance(config, CMPConfig) else config_from_mapping(config)
             arch = architecture_fields()
+            if observed_image_size(state) is None:
+                # The weights fit any resolution (no saved masks): the given config decides it.
+                arch.remove("image_size")
             diff = [f for f in arch if getattr(given, f) != getattr(inferred, f)]
             if diff:
                 detail = "; ".join(
