@@ -199,12 +199,15 @@ class SimsMatrix:
         if self.scores is None:
             if k > (self.k or 0):
                 raise ValueError(f"cannot keep {k} cells per row from a top-{self.k} matrix")
-            order = topk_stable(self.values, k)
+            # Put kept cells in gallery-column order first: the tie rule is gallery order, not storage-slot order.
+            cols, by_col = self.indices.sort(dim=1)
+            vals = self.values.gather(1, by_col)
+            order = topk_stable(vals, k)
             return SimsMatrix(
                 self.query_ids,
                 self.gallery_ids,
-                indices=self.indices.gather(1, order),
-                values=self.values.gather(1, order),
+                indices=cols.gather(1, order),
+                values=vals.gather(1, order),
                 source=self.source,
                 meta=dict(self.meta),
             )

@@ -1,0 +1,14 @@
+"""Leaderboard files: the ranking-file writer and its validator."""
+
+from .ranking_file import ANSWER_NAME, check_ids, top_gallery_ids, write_ranking_file
+from .validate import Problem, ValidationReport, validate_answer
+
+__all__ = [
+    "ANSWER_NAME",
+    "Problem",
+    "ValidationReport",
+    "check_ids",
+    "top_gallery_ids",
+    "validate_answer",
+    "write_ranking_file",
+]
