@@ -215,6 +215,10 @@ def test_plot_values() -> None:
     assert tuning_columns(trials, "R@1") == ("R@1", ["w"])
     with pytest.raises(TpasInputError):
         tuning_columns(trials.drop(columns=["w"]))
+    # `tpas tune`'s CSV layout: marked parameter columns win over other numeric ones.
+    tuned = pd.DataFrame({"search": ["all"] * 3, "trial": [0, 1, 2], "param:fuse.weights.0": [0.1, 0.2, 0.3],
+                          "objective": [1.0, 2.0, 3.0], "R@1": [5.0, 6.0, 7.0], "extra": [1, 2, 3]})  # fmt: skip
+    assert tuning_columns(tuned) == ("objective", ["param:fuse.weights.0"])
 
 
 def test_library_errors(pab: dict) -> None:

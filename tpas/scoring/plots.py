@@ -121,6 +121,14 @@ def plot_breakdown(
     return _save(fig, out)
 
 
+def _label(column: str) -> str:
+    """Axis label of a parameter column: without the tuner's `param:` / `params_` prefix."""
+    for prefix in ("param:", "params_"):
+        if column.startswith(prefix):
+            return column[len(prefix) :]
+    return column
+
+
 def read_trials(path: str | Path) -> pd.DataFrame:
     """Read a tuning trials CSV (one row per trial); TpasInputError when missing, unreadable or empty."""
     path = Path(path)
@@ -164,7 +172,9 @@ def tuning_columns(trials: pd.DataFrame, objective: str | None = None) -> tuple[
             and not low.startswith("fold_")
         )
 
-    params = [c for c in numeric if c.startswith("params_")] or [c for c in numeric if is_param(c)]
+    # Tuners that mark their parameter columns (`tpas tune`: "param:<key>", optuna: "params_<name>") are taken at
+    # their word; otherwise every varying numeric column that is not bookkeeping or a metric counts.
+    params = [c for c in numeric if c.startswith(("param:", "params_"))] or [c for c in numeric if is_param(c)]
     if not params:
         raise TpasInputError(f"no varying numeric parameter column in the trials table (columns: {cols})")
     return objective, params
@@ -178,6 +188,9 @@ def plot_tuning_surface(trials: pd.DataFrame, out: str | Path, objective: str | 
     further panel shows the objective against one parameter (every trial as a dot, the best per value as a line).
     The best trial is starred.
     """
+    if "search" in trials.columns and (trials["search"] == "all").any():
+        # `tpas tune --folds K` also records the per-fold searches; the surface is the main search over all queries.
+        trials = trials[trials["search"] == "all"]
     objective, params = tuning_columns(trials, objective)
     df = trials[[*params, objective]].dropna()
     if df.empty:
@@ -209,9 +222,9 @@ def plot_tuning_surface(trials: pd.DataFrame, out: str | Path, objective: str | 
         sc = ax.scatter(xa, xb, c=y, cmap="viridis", s=18, edgecolors="k", linewidths=0.3)
         ax.scatter([xa[best]], [xb[best]], marker="*", s=220, c="#d62728", edgecolors="k", label="best")
         fig.colorbar(sc, ax=ax, label=objective)
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.set_title(f"{objective} over {a} x {b}")
+        ax.set_xlabel(_label(a))
+        ax.set_ylabel(_label(b))
+        ax.set_title(f"{objective} over two parameters")
         ax.legend(fontsize=8, loc="best")
     for p in ranked[:4]:
         ax = fig.add_subplot(1, panels, i)
@@ -226,9 +239,9 @@ def plot_tuning_surface(trials: pd.DataFrame, out: str | Path, objective: str | 
             label="best per value",
         )
         ax.scatter([x[best]], [y[best]], marker="*", s=160, c="#d62728", edgecolors="k", zorder=3)
-        ax.set_xlabel(p)
+        ax.set_xlabel(_label(p))
         ax.set_ylabel(objective)
-        ax.set_title(f"{objective} vs {p}")
+        ax.set_title(f"{objective} vs {_label(p)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, out)
