@@ -33,7 +33,7 @@ TINY_VIT = {
     "pretrain": {1408: 176, 6144: 64, 4224: 528, 257: 5},  # 2 heads of 88; 28 px / 14 px patches -> 1 + 4 positions
     "pretrain_vitL": {1024: 128, 4096: 64, 3072: 384, 257: 5},  # 2 heads of 64
 }
-TINY_QFORMER = {768: 64, 3072: 128, 512: 40, 256: 16}  # 1 head of 64; 32 queries and the 30,523 vocab kept
+TINY_QFORMER = {768: 64, 3072: 128, 512: 64, 256: 16}  # 1 head of 64; 32 queries and the 30,523 vocab kept
 TINY_VIT_BLOCKS = 2
 TINY_QFORMER_LAYERS = 2  # layer 0 has cross-attention, layer 1 not (frequency 2)
 

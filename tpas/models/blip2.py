@@ -271,7 +271,12 @@ class Blip2Model(RetrievalModel):
             )
 
         obj = cls(
-            model, tokenizer, lavis, itc_score=options.get("itc_score") or "max", checkpoint=path, vocab=vocab_path
+            model,
+            tokenizer,
+            lavis,
+            itc_score=options.get("itc_score") or (config or {}).get("itc_score") or "max",
+            checkpoint=path,
+            vocab=vocab_path,
         )
         if obj.ln_pre is not None:
             ln_file = path / LN_PRE_FILE
@@ -321,7 +326,7 @@ class Blip2Model(RetrievalModel):
         arch = self.architecture()
         for key, want in config.items():
             if key == "itc_score":
-                continue  # a scoring choice, not architecture; the CLI option wins when both are given
+                continue  # a scoring default, not architecture; --itc-score wins when both are given
             if isinstance(want, dict):
                 sub = arch[key]
                 for k, w in want.items():
