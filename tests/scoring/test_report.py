@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tpas.cli import app
+from tpas.cli import app, main
 from tpas.data.pab import load_ground_truth
 from tpas.errors import TpasInputError
 from tpas.scoring.plots import recall_at_k_curve, tuning_columns
@@ -244,7 +244,7 @@ def _save_models(pab: dict) -> list[str]:
     return paths
 
 
-def test_cli_report_and_errors(pab: dict) -> None:
+def test_cli_report_and_errors(pab: dict, capsys: pytest.CaptureFixture[str]) -> None:
     runner = CliRunner()
     sims = _save_models(pab)
     out = pab["root"] / "cli" / "index.html"
@@ -259,19 +259,25 @@ def test_cli_report_and_errors(pab: dict) -> None:
     assert (out.parent / "index_files" / "plots" / "tuning_surface.png").is_file()
     assert list(_parse(out).sections[0]["lines"]) == ["A", "B", "fusion"]
 
-    # User mistakes: one line, exit 2, nothing written.
+    # User mistakes: one line, exit 2, nothing written (through the console-script entry point `main`).
     bad_out = pab["root"] / "bad" / "index.html"
     bad = [*sims, "--gt", str(pab["ann"]), "--images", str(pab["gallery"]), "--out", str(bad_out)]
-    for extra in (["--names", "A,B"], ["--max-queries", "0"], ["--tuning-trials", str(pab["root"] / "none.csv")]):
-        res = subprocess.run(
-            [str(Path(sys.executable).parent / "tpas"), "report", *bad, *extra], capture_output=True, text=True
-        )
-        assert res.returncode == 2, (extra, res.stderr)
-        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     (pab["gallery"] / "d0.jpg").unlink()  # a top-5 hit's image is missing from the folder
+    for extra, expect in (
+        (["--names", "A,B"], "2 names for 3"),
+        (["--max-queries", "0"], "at least 1"),
+        (["--tuning-trials", str(pab["root"] / "none.csv")], "none.csv"),
+        ([], "'d0'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["report", *bad, *extra])
+        assert exc.value.code == 2, extra
+        err = capsys.readouterr().err
+        assert expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not bad_out.exists() and not any(p.name.startswith(".") for p in bad_out.parent.glob("*"))
+    # The installed console script behaves the same.
     res = subprocess.run([str(Path(sys.executable).parent / "tpas"), "report", *bad], capture_output=True, text=True)
     assert res.returncode == 2 and "'d0'" in res.stderr and "Traceback" not in res.stderr
-    assert not bad_out.exists() and not any(p.name.startswith(".") for p in bad_out.parent.glob("*"))
 
 
 # ---------------------------------------------------------------------------------------------- real browser
