@@ -412,3 +412,77 @@ def test_loaded_model_is_float32_eval_with_every_tensor_materialised(tiny, tmp_p
     description = loaded.describe()
     json.dumps(description)
     assert description["model"] == "beit3_custom_patch16_32" and description["tokenizer"]["file"] == "tiny.spm"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """Four gallery images of different sizes/modes, and a name-masked query.json (JSON lines)."""
+    root = tmp_path_factory.mktemp("beit3_gallery")
+    images = root / "gallery"
+    images.mkdir()
+    torch.manual_seed(4)
+    for i, (size, mode) in enumerate([((40, 80), "RGB"), ((32, 32), "L"), ((64, 48), "RGBA"), ((50, 90), "RGB")]):
+        pixels = (torch.rand(size[1], size[0], 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).convert(mode).save(images / f"{i:03d}.png")
+    queries = root / "query.json"
+    captions = [SENTENCES[3], "", "Ａ person 中文 running.", " ".join(SENTENCES)]
+    queries.write_text(
+        "".join(json.dumps({"query_index": f"q{i}", "caption": c}) + "\n" for i, c in enumerate(captions))
+    )
+    return images, queries, captions
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`tpas ARGS` through the console entry point (one-line errors, exit 2): (exit code, stdout + stderr)."""
+    from tpas.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code or 0, captured.out + captured.err
+
+
+def test_cli_infer_beit3_writes_the_same_matrix_as_the_library(tiny, gallery, model, tmp_path, capsys):
+    from tpas.sims import SimsMatrix
+
+    ckpt, spm = tiny
+    images, queries, captions = gallery
+    out = tmp_path / "sims" / "beit3.pt"
+    args = ["infer", "beit3", "--images", str(images), "--queries", str(queries), "--checkpoint", str(ckpt)]
+    args += ["--tokenizer", str(spm), "--out", str(out), "--workers", "0", "--batch-size", "3"]
+    code, output = run_cli(capsys, *args, "--cache-dir", tmp_path / "cache")
+    assert code == 0, output
+    sims = SimsMatrix.load(out)
+    assert sims.query_ids == ["q0", "q1", "q2", "q3"] and sims.gallery_ids == ["000", "001", "002", "003"]
+    assert sims.source == "beit3"
+    with torch.inference_mode():
+        pics = []
+        for i in range(4):
+            with Image.open(images / f"{i:03d}.png") as im:
+                pics.append(model.preprocess(im)["image"])
+        image_embed = model.encode_images({"image": torch.stack(pics)})["embed"]
+        text_embed = model.encode_texts(model.tokenize(captions))["embed"]
+    torch.testing.assert_close(sims.to_dense(), text_embed @ image_embed.T, atol=1e-5, rtol=0)
+
+
+def test_cli_refuses_an_untrusted_training_checkpoint_with_one_line(tiny, gallery, tmp_path, capsys):
+    ckpt, spm = tiny
+    images, queries, _ = gallery
+    training = tmp_path / "train.pth"
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"], "args": argparse.Namespace(lr=1e-5)}, training)
+    out = tmp_path / "beit3.pt"
+    base = ["infer", "beit3", "--images", str(images), "--queries", str(queries), "--out", str(out)]
+    base += ["--workers", "0", "--no-cache"]
+    code, output = run_cli(capsys, *base, "--checkpoint", training, "--tokenizer", spm)
+    assert code == 2 and "--trust-checkpoint" in output and str(training) in output
+    assert "Traceback" not in output and not out.exists()
+    code, output = run_cli(capsys, *base, "--checkpoint", ckpt)  # no --tokenizer, no beit3.spm beside the checkpoint
+    assert code == 2 and "beit3.spm" in output and not out.exists()
+    code, output = run_cli(capsys, *base, "--checkpoint", ckpt, "--tokenizer", spm, "--config", PRESETS_FILE)
+    assert code == 2 and "none of the config's presets" in output and not out.exists()
+    code, output = run_cli(capsys, *base, "--checkpoint", training, "--tokenizer", spm, "--trust-checkpoint")
+    assert code == 0, output
+    assert out.exists()
