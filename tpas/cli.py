@@ -51,6 +51,167 @@ def existing_file(path: Path) -> Path:
 # Commands are defined below, grouped by stage: scoring/submission, ensemble, inference, training, demo.
 
 
+# --- scoring and submission: evaluate, submit, validate, import-legacy (issue 2) ---
+_TIES_HELP = "Tie rule: stable (equal scores keep gallery order, as the ranking file) | optimistic | pessimistic."
+
+
+def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise TpasInputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _metrics_table(title: str, frame: object, index_name: str) -> object:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(index_name)
+    for col in frame.columns:
+        table.add_column(col, justify="right")
+    for name, row in frame.iterrows():
+        table.add_row(str(name), *(str(int(v)) if c == "n" else f"{v:.2f}" for c, v in row.items()))
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    sims: Annotated[Path, typer.Argument(help="SimsMatrix file (.pt).")],
+    gt: Annotated[Path, typer.Option("--gt", help="Test annotation with the ground truth (attr.json / ucc.json).")],
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Comma-separated columns to break down by: normal/anomaly, scene, action, ..."),
+    ] = None,
+    per_query: Annotated[Path | None, typer.Option("--per-query", help="Write per-query results as CSV.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help='Write {"R@1","R@5","R@10","mAP","mINP"} in percent.')
+    ] = None,
+    ties: Annotated[str, typer.Option("--ties", help=_TIES_HELP)] = "stable",
+    match: Annotated[
+        str, typer.Option("--match", help="Relevant images: image (PAB protocol) | identity (same image_id).")
+    ] = "image",
+) -> None:
+    """Score a matrix against PAB ground truth: R@1/5/10, mAP, mINP (and the leaderboard's top-10 mAP)."""
+    import json as _json
+
+    from .data.pab import load_ground_truth
+    from .scoring import evaluate
+    from .sims import SimsMatrix, atomic_write
+
+    ties = _choice(ties, ("stable", "optimistic", "pessimistic"), "--ties")
+    match = _choice(match, ("image", "identity"), "--match")
+    columns = [c.strip() for c in by.split(",") if c.strip()] if by else []
+    matrix = SimsMatrix.load(existing_file(sims))
+    truth = load_ground_truth(existing_file(gt))
+    ev = evaluate(matrix, truth, ties=ties, by=columns, match=match)
+    if per_query is not None:
+        atomic_write(per_query, lambda tmp: ev.per_query.to_csv(tmp, index=False))
+    if json_out is not None:
+        atomic_write(json_out, lambda tmp: tmp.write_text(_json.dumps(ev.metrics(), indent=2) + "\n"))
+    console.print(_metrics_table(f"{sims.name} vs {gt.name} (ties: {ties}, match: {match})", ev.overall, "queries"))
+    for col in ev.by:
+        console.print(_metrics_table(f"by {col}", ev.breakdown(col), col))
+    if ev.unscored_rows:
+        console.print(f"note: {ev.unscored_rows} matrix rows are not ground-truth queries and were not scored")
+    for path in (per_query, json_out):
+        if path is not None:
+            console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("submit")
+def submit_cmd(
+    sims: Annotated[Path, typer.Argument(help="SimsMatrix file (.pt) whose rows are the name-masked queries.")],
+    query_index: Annotated[Path, typer.Option("--query-index", help="query_index.txt: the line order.")],
+    out: Annotated[Path, typer.Option("--out", help="Ranking file to write, e.g. predictions/answer.txt.")],
+    make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out stem>.zip holding answer.txt.")] = False,
+    gallery: Annotated[
+        Path | None,
+        typer.Option("--gallery", help="Gallery folder or ids file: the matrix columns must be exactly these ids."),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Gallery ids per line.")] = 10,
+) -> None:
+    """Write the leaderboard file: per query (query_index.txt order) its k best gallery ids, stable tie rule."""
+    from .data.pab import read_gallery_ids, read_query_index
+    from .sims import SimsMatrix
+    from .submit import validate_answer, write_ranking_file
+
+    qids = read_query_index(query_index)
+    gallery_ids = read_gallery_ids(gallery) if gallery is not None else None
+    matrix = SimsMatrix.load(existing_file(sims))
+    written = write_ranking_file(
+        matrix, qids, out, k=k, gallery_ids=gallery_ids, make_zip=make_zip,
+        query_source=query_index, gallery_source=gallery,
+    )  # fmt: skip
+    for path in written:
+        validate_answer(path, qids, gallery_ids, k=k).raise_first()  # the writer's own output must always pass
+        console.print(f"wrote {path}: {len(qids)} lines x {k} ids (stable tie rule)", highlight=False)
+
+
+@app.command("validate")
+def validate_cmd(
+    answer: Annotated[Path, typer.Argument(help="Ranking file (answer.txt) or a submission zip holding it.")],
+    query_index: Annotated[Path, typer.Option("--query-index", help="query_index.txt: one line per query.")],
+    gallery: Annotated[
+        Path | None, typer.Option("--gallery", help="Gallery folder or ids file: every id must be in it.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Gallery ids per line.")] = 10,
+) -> None:
+    """Check a ranking file: line count and order, k unique ids per line, ids in the gallery, whitespace, BOM."""
+    from .submit import validate_answer
+
+    report = validate_answer(answer, query_index, gallery, k=k)
+    if not report.ok:
+        for p in report.problems:
+            err_console.print(f"[bold red]error:[/] {answer}, {p}", highlight=False, soft_wrap=True)
+        if report.truncated:
+            err_console.print(f"(stopped after {len(report.problems)} problems)", highlight=False)
+        raise typer.Exit(2)
+    checked = "ids checked against the gallery" if report.gallery_checked else "gallery not checked (--gallery)"
+    console.print(f"OK: {answer}: {report.n_lines} lines x {k} ids, {report.line_ending} line ends, {checked}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command("import-legacy")
+def import_legacy_cmd(
+    tensor: Annotated[Path, typer.Argument(help="Bare score tensor (.pt) or array (.npy) of the seed scripts.")],
+    query_ids: Annotated[
+        Path, typer.Option("--query-ids", help="Row ids: query_index.txt-style ids file, or a queries file.")
+    ],
+    gallery_ids: Annotated[
+        Path, typer.Option("--gallery-ids", help="Column ids: an ids file, or a gallery folder (see --gallery-order).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="SimsMatrix file to write.")],
+    transpose: Annotated[bool, typer.Option("--transpose", help="The tensor is gallery x query.")] = False,
+    gallery_order: Annotated[
+        str,
+        typer.Option(
+            "--gallery-order",
+            help="Column order when --gallery-ids is a folder: sorted (by id) | listdir (the seed scripts' "
+            "os.listdir order, valid only on the machine and folder that made the matrix).",
+        ),
+    ] = "sorted",
+    source: Annotated[str, typer.Option("--source", help="Source name stored in the matrix.")] = "legacy",
+) -> None:
+    """Give a legacy bare-tensor matrix its ids: write a SimsMatrix (the tensor file is read safely, never executed)."""
+    import os
+
+    from .data.pab import IMAGE_SUFFIXES, read_gallery_ids, read_queries, read_query_index
+    from .sims import SimsMatrix
+
+    gallery_order = _choice(gallery_order, ("sorted", "listdir"), "--gallery-order")
+    if query_ids.suffix.lower() == ".txt":
+        qids = read_query_index(query_ids)
+    else:
+        qids = [q.id for q in read_queries(query_ids)]
+    if gallery_ids.is_dir() and gallery_order == "listdir":
+        gids = [Path(n).stem for n in os.listdir(gallery_ids) if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        gids = read_gallery_ids(gallery_ids)
+    matrix = SimsMatrix.from_legacy(existing_file(tensor), qids, gids, source=source, transpose=transpose)
+    matrix.save(out)
+    q, g = matrix.shape
+    console.print(f"wrote {out}: {q} queries x {g} gallery images (source {source!r})", highlight=False)
+
+
 # --- training data: synthetic mini-PAB (issue 7) ---
 @app.command("synth")
 def synth_cmd(
