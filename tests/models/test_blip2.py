@@ -175,6 +175,26 @@ def test_itm_is_softmax_of_query_averaged_logits(converted, model_type):
     assert per_query.shape == (4, 32, 2)
 
 
+def test_qformer_stays_fp32_under_autocast(converted):
+    """As LAVIS: only the ViT runs in reduced precision; Q-Former, projections and ITM head compute in fp32."""
+    model = load_model("blip2", converted["pretrain_vitL"])
+    pixels = _pixels(model, _images(2))
+    tokens = model.tokenize(CAPTIONS[:2])
+    with torch.inference_mode():
+        text32 = model.encode_texts(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = model.encode_images({"pixel_values": pixels})
+            text = model.encode_texts(tokens)
+            probs = model.match({**tokens, **text}, image)
+        # outside autocast, from the same (bf16-computed) ViT output
+        expected = F.normalize(model.hf.vision_projection(model.query_outputs(image["vision"])), dim=-1)
+        expected_probs = model.match({**tokens, **text32}, image)
+    assert image["embed"].dtype == text["embed"].dtype == probs.dtype == torch.float32
+    torch.testing.assert_close(image["embed"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(text["embed"], text32["embed"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs, expected_probs, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- text and images
 def test_caption_cleaning_follows_lavis_blip_caption():
     assert clean_caption("A Man (walking)  fast!") == "a man walking fast"

@@ -381,6 +381,10 @@ class Blip2Model(RetrievalModel):
     def _device(self) -> torch.device:
         return self.hf.query_tokens.device
 
+    def _qformer_fp32(self) -> torch.autocast:
+        """LAVIS runs only the ViT under autocast on GPU; the Q-Former, projections and ITM head stay fp32."""
+        return torch.autocast(self._device().type, enabled=False)
+
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ViT output after ln_vision: [N, 1 + patches, width] (the image side of ITM)."""
         dtype = self.hf.vision_model.embeddings.patch_embedding.weight.dtype
@@ -390,15 +394,17 @@ class Blip2Model(RetrievalModel):
         """Q-Former outputs of the learned queries attending to one image each: [N, num_query_tokens, hidden]."""
         queries = self.hf.query_tokens.expand(vision.shape[0], -1, -1)
         mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
-        return self.hf.qformer(
-            query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask
-        ).last_hidden_state
+        with self._qformer_fp32():
+            return self.hf.qformer(
+                query_embeds=queries, encoder_hidden_states=vision.float(), encoder_attention_mask=mask
+            ).last_hidden_state
 
     def encode_images(self, batch: Features) -> Features:
         """{"embed": normalised vision_proj of the query outputs [N, 32, 256], "vision": ViT output for ITM}."""
         vision = self.encode_vision(batch["pixel_values"])
         queries = self.query_outputs(vision)
-        embed = F.normalize(self.hf.vision_projection(queries.to(self.hf.vision_projection.weight.dtype)), dim=-1)
+        with self._qformer_fp32():
+            embed = F.normalize(self.hf.vision_projection(queries), dim=-1)
         return {"embed": embed, "vision": vision}
 
     def encode_texts(self, tokens: Features) -> Features:
@@ -406,10 +412,11 @@ class Blip2Model(RetrievalModel):
         device = self._device()
         ids = tokens["input_ids"].to(device)
         mask = tokens["attention_mask"].to(device)
-        hidden = self.hf.qformer(
-            query_embeds=self.hf.embeddings(input_ids=ids), query_length=0, attention_mask=mask
-        ).last_hidden_state
-        embed = F.normalize(self.hf.text_projection(hidden[:, 0, :].to(self.hf.text_projection.weight.dtype)), dim=-1)
+        with self._qformer_fp32():
+            hidden = self.hf.qformer(
+                query_embeds=self.hf.embeddings(input_ids=ids), query_length=0, attention_mask=mask
+            ).last_hidden_state
+            embed = F.normalize(self.hf.text_projection(hidden[:, 0, :]), dim=-1)
         return {
             "embed": embed,
             "itm_input_ids": tokens["itm_input_ids"],
@@ -435,20 +442,20 @@ class Blip2Model(RetrievalModel):
         """ITM logits [N, 2]: itm_head on each query output of the joint pass, averaged over the queries."""
         device = self._device()
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        vision = vision.to(device)
+        vision = vision.to(device).float()
         n, nq = input_ids.shape[0], self.hf.query_tokens.shape[1]
         queries = self.hf.query_tokens.expand(n, -1, -1)
-        embeds = self.hf.embeddings(input_ids=input_ids, query_embeds=queries)
         mask = torch.cat([torch.ones(n, nq, dtype=attention_mask.dtype, device=device), attention_mask], dim=1)
         image_mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=device)
-        hidden = self.hf.qformer(
-            query_embeds=embeds,
-            query_length=nq,
-            attention_mask=mask,
-            encoder_hidden_states=vision,
-            encoder_attention_mask=image_mask,
-        ).last_hidden_state
-        return self.hf.itm_head(hidden[:, :nq, :].to(self.hf.itm_head.weight.dtype)).mean(dim=1)
+        with self._qformer_fp32():
+            hidden = self.hf.qformer(
+                query_embeds=self.hf.embeddings(input_ids=input_ids, query_embeds=queries),
+                query_length=nq,
+                attention_mask=mask,
+                encoder_hidden_states=vision,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state
+            return self.hf.itm_head(hidden[:, :nq, :]).mean(dim=1)
 
     def match(self, text: Features, image: Features) -> torch.Tensor:
         """ITM match probability [N] for paired rows (text i with image i), softmax[:, 1] of the averaged logits."""
