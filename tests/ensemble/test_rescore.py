@@ -1,0 +1,55 @@
+"""Re-scoring: dual softmax, inverted softmax with and without a query bank, Sinkhorn; all marked transductive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ens_helpers import ids, save
+
+from tpas.ensemble.rescore import rescore
+from tpas.errors import TpasInputError
+from tpas.sims import SimsMatrix
+
+S = torch.tensor([[0.9, 0.2, 0.4], [0.8, 0.1, 0.3], [0.1, 0.7, 0.2], [0.3, 0.3, 0.9]])
+
+
+def _m(s=S):
+    return SimsMatrix(ids("q", s.shape[0]), ids("g", s.shape[1]), scores=s.clone())
+
+
+def test_dual_softmax_formula():
+    out, rep = rescore(_m(), {"method": "dual-softmax", "temperature": 0.1})
+    want = S * torch.softmax(S / 0.1, dim=0)
+    assert torch.allclose(out.scores, want, atol=1e-6)
+    assert rep["transductive"] and out.meta["transductive"] is True
+
+
+def test_inverted_softmax_without_and_with_bank(tmp_path):
+    out, _ = rescore(_m(), {"method": "inverted-softmax", "temperature": 0.5})
+    assert torch.allclose(out.scores, S / 0.5 - torch.logsumexp(S / 0.5, dim=0), atol=1e-5)
+    bank = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]])
+    bank_path = save(SimsMatrix(["b0", "b1"], ["g2", "g0", "g1"], scores=bank[:, [2, 0, 1]]), tmp_path / "bank.pt")
+    out, _ = rescore(_m(), {"method": "qb-norm", "temperature": 0.5, "bank": str(bank_path)})
+    assert torch.allclose(out.scores, S / 0.5 - torch.logsumexp(bank / 0.5, dim=0), atol=1e-5)
+
+
+def test_sinkhorn_balances_rows_and_columns():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.rand(6, 9, generator=gen)
+    out, _ = rescore(_m(s), {"method": "sinkhorn", "epsilon": 0.1, "iterations": 200})
+    p = out.scores.double().exp()
+    assert torch.allclose(p.sum(0), torch.full((9,), 1 / 9, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(p.sum(1), torch.full((6,), 1 / 6, dtype=torch.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"method": "softmax3"}, "rescore.method"),
+        ({"temperature": 0}, "rescore.temperature"),
+        ({"method": "dual-softmax", "bank": "x.pt"}, "only inverted-softmax uses a query bank"),
+    ],
+)
+def test_bad_parameters(params, match):
+    with pytest.raises(TpasInputError, match=match):
+        rescore(_m(), params)
