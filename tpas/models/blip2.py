@@ -161,7 +161,6 @@ class Blip2Model(RetrievalModel):
         *,
         itc_score: str = "max",
         checkpoint: Path | None = None,
-        vocab: Path | None = None,
     ):
         super().__init__()
         if itc_score not in ITC_SCORES:
@@ -170,8 +169,7 @@ class Blip2Model(RetrievalModel):
         self.tokenizer = tokenizer
         self.lavis = dict(lavis)
         self.itc_score = itc_score
-        self.checkpoint = checkpoint
-        self.vocab = vocab
+        self.checkpoint_path = checkpoint
         vcfg = hf_model.config.vision_config
         self.max_txt_len = int(self.lavis.get("max_txt_len", DEFAULT_MAX_TXT_LEN))
         self.max_words = int(self.lavis.get("max_words", DEFAULT_MAX_WORDS))
@@ -276,7 +274,6 @@ class Blip2Model(RetrievalModel):
             lavis,
             itc_score=options.get("itc_score") or (config or {}).get("itc_score") or "max",
             checkpoint=path,
-            vocab=vocab_path,
         )
         if obj.ln_pre is not None:
             ln_file = path / LN_PRE_FILE
