@@ -10,6 +10,7 @@ import datetime as _dt
 import math
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -283,10 +284,10 @@ class SimsMatrix:
             "meta": self.meta,
         }
         if self.scores is not None:
-            d["scores"] = self.scores.contiguous()
+            d["scores"] = _compact(self.scores)
         else:
-            d["indices"] = self.indices.contiguous()
-            d["values"] = self.values.contiguous()
+            d["indices"] = _compact(self.indices)
+            d["values"] = _compact(self.values)
         return d
 
     def save(self, path: str | Path) -> Path:
@@ -309,6 +310,8 @@ class SimsMatrix:
                     path,
                 )
             raise TpasInputError(f"is not a {FORMAT} file", path)
+        if not isinstance(obj.get("meta") or {}, dict):
+            raise TpasInputError(f"malformed {FORMAT} file (meta must be a dict)", path)
         try:
             m = cls(
                 query_ids=list(obj["query_ids"]),
@@ -369,15 +372,30 @@ class SimsMatrix:
             raise TpasInputError(e.message, path) from None
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor owning exactly its own bytes: torch.save writes a view's whole storage, so a matrix sliced
+    out of a larger one would otherwise carry the larger one into its file."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def _safe_torch_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise TpasInputError("file not found", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None and "global" not in str(e).lower():
+            # Not a refused object but bytes that are no pickle at all (a truncated or foreign file).
+            raise TpasInputError("cannot be read as a torch file (not a torch.save archive)", path) from None
+        what = f" ({found.group(1)})" if found else ""
         raise TpasInputError(
-            "holds pickled Python objects that a safe load refuses (only tensors and plain values are read)", path
+            f"holds pickled Python objects{what} that a safe load refuses (only tensors and plain values are read)",
+            path,
         ) from None
     except RuntimeError as e:
         if "TorchScript" in str(e):

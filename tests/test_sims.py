@@ -1,0 +1,229 @@
+"""SimsMatrix: dense and top-K forms, validation, align/select by id, safe load, atomic save, legacy import."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tpas.sims as sims_mod
+from tpas.errors import TpasInputError
+from tpas.sims import FORMAT, SimsMatrix, atomic_write
+
+torch.set_num_threads(1)
+
+
+def dense(q: int = 3, g: int = 5, seed: int = 0) -> SimsMatrix:
+    gen = torch.Generator().manual_seed(seed)
+    return SimsMatrix([f"q{i}" for i in range(q)], [f"g{j}" for j in range(g)],
+                      scores=torch.rand(q, g, generator=gen), source="test")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def test_ids_are_strings_and_repr():
+    m = SimsMatrix([1, "0012"], ["a", 7], scores=torch.zeros(2, 2))
+    assert m.query_ids == ["1", "0012"] and m.gallery_ids == ["a", "7"]
+    assert m.shape == (2, 2) and m.is_dense and m.k is None
+    assert "2 queries x 2 gallery, dense" in repr(m)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scores": torch.zeros(2, 3)}, r"scores have shape \(2, 3\) but there are 2 query ids and 2 gallery ids"),
+        ({"scores": torch.zeros(2, 2, dtype=torch.long)}, "2-D floating-point"),
+        ({"scores": torch.tensor([[0.0, float("inf")], [0.0, 0.0]])}, "score inf at query 'a', gallery id 'y'"),
+        ({"scores": torch.tensor([[0.0, 0.0], [float("nan"), 0.0]])}, "score nan at query 'b', gallery id 'x'"),
+        ({}, "needs scores, or indices and values"),
+        ({"indices": torch.tensor([[0], [2]]), "values": torch.zeros(2, 1)}, r"indices must lie in \[0, 2\)"),
+        ({"indices": torch.tensor([[0, 0], [0, 1]]), "values": torch.zeros(2, 2)}, "'a' lists a gallery column twice"),
+        ({"indices": torch.zeros(2, 1), "values": torch.zeros(2, 1)}, "indices must be an integer tensor"),
+        ({"indices": torch.zeros(1, 1, dtype=torch.long), "values": torch.zeros(1, 1)}, "top-K matrix has 1 rows"),
+        ({"scores": torch.zeros(2, 2), "indices": torch.zeros(2, 1, dtype=torch.long), "values": torch.zeros(2, 1)},
+         "either dense"),
+    ],
+)  # fmt: skip
+def test_invalid_matrices_are_refused(kwargs, message):
+    with pytest.raises(TpasInputError, match=message):
+        SimsMatrix(["a", "b"], ["x", "y"], **kwargs)
+
+
+def test_duplicate_ids_are_refused():
+    with pytest.raises(TpasInputError, match=r"duplicate query id 'a'"):
+        SimsMatrix(["a", "a"], ["x"], scores=torch.zeros(2, 1))
+    with pytest.raises(TpasInputError, match=r"duplicate gallery id 'x'"):
+        SimsMatrix(["a"], ["x", "x"], scores=torch.zeros(1, 2))
+
+
+def test_meta_must_be_plain():
+    for bad in ({"t": torch.zeros(1)}, {"o": object()}, {1: "int key"}, {"nested": [{"x": {1, 2}}]}):
+        with pytest.raises(TypeError):
+            SimsMatrix(["a"], ["x"], scores=torch.zeros(1, 1), meta=bad)
+    SimsMatrix(["a"], ["x"], scores=torch.zeros(1, 1), meta={"a": [1, 2.5, None, True, {"b": "c"}]})
+
+
+# ------------------------------------------------------------------------------------------------ top-K
+def test_top_k_follows_stable_order_and_round_trips_to_dense():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    m = SimsMatrix(["a", "b"], list("vwxyz"), scores=scores)
+    t = m.top_k(3)
+    assert t.indices.tolist() == [[1, 2, 4], [0, 1, 2]]
+    assert t.values.tolist() == [[3.0, 3.0, 3.0], [2.0, 2.0, 2.0]]
+    assert "top-3" in repr(t) and t.k == 3
+    filled = t.to_dense()  # unscored cells get the row minimum of the kept cells
+    assert filled.tolist() == [[3.0, 3.0, 3.0, 3.0, 3.0], [2.0] * 5]
+    assert t.to_dense(fill=-1.0)[0].tolist() == [-1.0, 3.0, 3.0, -1.0, 3.0]
+    assert t.top_k(2).indices.tolist() == [[1, 2], [0, 1]]
+    with pytest.raises(ValueError, match=r"cannot keep 4 cells"):
+        t.top_k(4)
+
+
+def test_top_k_of_top_k_breaks_ties_by_gallery_not_storage_order():
+    t = SimsMatrix(["a"], list("vwxyz"), indices=torch.tensor([[4, 0, 2]]), values=torch.tensor([[1.0, 1.0, 1.0]]))
+    assert t.top_k(2).indices.tolist() == [[0, 2]]
+
+
+# ------------------------------------------------------------------------------------------------ align / select
+def test_align_reorders_by_id_and_names_differences():
+    m = dense()
+    other = SimsMatrix(["q2", "q0", "q1"], ["g4", "g3", "g2", "g1", "g0"], scores=torch.zeros(3, 5))
+    a = m.align(other)
+    assert a.query_ids == other.query_ids and a.gallery_ids == other.gallery_ids
+    assert a.scores[0, 0] == m.scores[2, 4]
+    assert m.align(m) is m
+    bad = SimsMatrix(["q0", "q1", "qX"], m.gallery_ids, scores=torch.zeros(3, 5))
+    with pytest.raises(TpasInputError, match=r"query ids differ \(only in the first: 'q2'; only in the second: 'qX'\)"):
+        m.align(bad)
+    with pytest.raises(TpasInputError, match=r"gallery ids differ"):
+        m.align(gallery_ids=["g0", "g1"])
+
+
+def test_select_subsets_and_unknown_ids():
+    m = dense()
+    s = m.select(["q1"], ["g3", "g0"])
+    assert s.scores.tolist() == [[m.scores[1, 3].item(), m.scores[1, 0].item()]]
+    with pytest.raises(TpasInputError, match=r"query id 'nope' is not in the matrix"):
+        m.select(["nope"])
+    with pytest.raises(TpasInputError, match=r"gallery id 'gz' is not in the matrix"):
+        m.select(gallery_ids=["gz"])
+
+
+def test_select_on_top_k_reorders_gallery_but_cannot_drop_kept_columns():
+    t = dense().top_k(2)
+    r = t.select(gallery_ids=list(reversed(t.gallery_ids)))
+    assert torch.equal(r.to_dense(fill=0.0), t.to_dense(fill=0.0).flip(1))
+    with pytest.raises(TpasInputError, match=r"cannot drop gallery ids from a top-K matrix"):
+        t.select(gallery_ids=["g0"])
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_save_load_round_trip_dense_and_top_k(tmp_path):
+    m = SimsMatrix(["0012", "100018684969009"], ["a", "b", "c"], scores=torch.rand(2, 3), source="clip",
+                   meta={"checkpoint_sha256": "ab"})  # fmt: skip
+    back = SimsMatrix.load(m.save(tmp_path / "m.pt"))
+    assert back.query_ids == ["0012", "100018684969009"] and torch.equal(back.scores, m.scores)
+    assert back.source == "clip" and back.meta["checkpoint_sha256"] == "ab"
+    assert {"tool_version", "created_at"} <= set(back.meta)
+    t = SimsMatrix.load(m.top_k(2).save(tmp_path / "t.pt"))
+    assert torch.equal(t.indices, m.top_k(2).indices) and t.scores is None
+
+
+def test_saved_slice_does_not_carry_the_parent_storage(tmp_path):
+    big = torch.rand(200, 500)
+    m = SimsMatrix(["a"], [str(i) for i in range(500)], scores=big[:1])
+    path = m.save(tmp_path / "slice.pt")
+    assert path.stat().st_size < big.numel() * 4 / 10
+
+
+def test_atomic_save_leaves_previous_file_and_no_temp_on_failure(tmp_path, monkeypatch):
+    m = dense()
+    path = m.save(tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sims_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match=r"disk full"):
+        dense(seed=1).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_atomic_write_creates_parents(tmp_path):
+    out = atomic_write(tmp_path / "a" / "b" / "x.txt", lambda tmp: tmp.write_text("hi"))
+    assert out.read_text() == "hi" and [p.name for p in out.parent.iterdir()] == ["x.txt"]
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_load_refuses_pickled_objects_without_running_them(tmp_path):
+    marker = tmp_path / "EXECUTED"
+    torch.save({"format": FORMAT, "meta": _Marker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(TpasInputError, match=r"evil.pt: holds pickled Python objects \(io.open\)"):
+        SimsMatrix.load(tmp_path / "evil.pt")
+    with pytest.raises(TpasInputError, match=r"pickled Python objects"):
+        SimsMatrix.from_legacy(tmp_path / "evil.pt", ["a"], ["x"])
+    assert not marker.exists()
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(TpasInputError, match=r"missing.pt: file not found"):
+        SimsMatrix.load(tmp_path / "missing.pt")
+    torch.save(torch.zeros(2, 2), tmp_path / "bare.pt")
+    with pytest.raises(TpasInputError, match=r"bare.pt: is a bare tensor without ids.*import-legacy"):
+        SimsMatrix.load(tmp_path / "bare.pt")
+    torch.save({"scores": torch.zeros(1, 1)}, tmp_path / "foreign.pt")
+    with pytest.raises(TpasInputError, match=rf"foreign.pt: is not a {FORMAT} file"):
+        SimsMatrix.load(tmp_path / "foreign.pt")
+    torch.save({"format": FORMAT, "scores": torch.zeros(1, 1)}, tmp_path / "noids.pt")
+    with pytest.raises(TpasInputError, match=r"noids.pt: malformed"):
+        SimsMatrix.load(tmp_path / "noids.pt")
+    torch.save({"format": FORMAT, "query_ids": ["a"], "gallery_ids": ["x"], "scores": torch.zeros(1, 1),
+                "meta": "not a dict"}, tmp_path / "meta.pt")  # fmt: skip
+    with pytest.raises(TpasInputError, match=r"meta.pt: malformed.*meta must be a dict"):
+        SimsMatrix.load(tmp_path / "meta.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a torch file at all")
+    with pytest.raises(TpasInputError, match=r"junk.pt: cannot be read as a torch file"):
+        SimsMatrix.load(tmp_path / "junk.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(TpasInputError, match=r"empty.pt: cannot be read as a torch file"):
+        SimsMatrix.load(tmp_path / "empty.pt")
+    torch.save({"format": FORMAT, "query_ids": ["a", "a"], "gallery_ids": ["x"], "scores": torch.zeros(2, 1),
+                "source": "", "meta": {}}, tmp_path / "dup.pt")  # fmt: skip
+    with pytest.raises(TpasInputError, match=r"dup.pt: duplicate query id 'a'"):
+        SimsMatrix.load(tmp_path / "dup.pt")
+
+
+# ------------------------------------------------------------------------------------------------ legacy
+def test_from_legacy_tensor_array_and_files(tmp_path):
+    s = torch.rand(2, 3)
+    m = SimsMatrix.from_legacy(s, ["a", "b"], ["x", "y", "z"])
+    assert torch.equal(m.scores, s) and m.source == "legacy"
+    assert torch.equal(SimsMatrix.from_legacy(s.T.numpy(), ["a", "b"], ["x", "y", "z"], transpose=True).scores, s)
+    torch.save(s.double(), tmp_path / "l.pt")
+    assert torch.equal(SimsMatrix.from_legacy(tmp_path / "l.pt", ["a", "b"], ["x", "y", "z"]).scores, s)
+    np.save(tmp_path / "l.npy", s.numpy())
+    m = SimsMatrix.from_legacy(tmp_path / "l.npy", ["a", "b"], ["x", "y", "z"])
+    assert torch.equal(m.scores, s) and m.meta["imported_from"].endswith("l.npy")
+
+
+def test_from_legacy_errors(tmp_path):
+    with pytest.raises(TpasInputError, match=r"scores have shape \(2, 3\) but there are 3 query ids"):
+        SimsMatrix.from_legacy(torch.zeros(2, 3), ["a", "b", "c"], ["x", "y", "z"])
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TpasInputError, match=r"obj.npy: not a plain numeric .npy array"):
+        SimsMatrix.from_legacy(tmp_path / "obj.npy", ["a"], ["x"])
+    torch.save({"sims": torch.zeros(1, 1)}, tmp_path / "dict.pt")
+    with pytest.raises(TpasInputError, match=r"dict.pt: expected a bare score tensor, found dict"):
+        SimsMatrix.from_legacy(tmp_path / "dict.pt", ["a"], ["x"])
+    with pytest.raises(TpasInputError, match=r"file not found"):
+        SimsMatrix.from_legacy(tmp_path / "none.npy", ["a"], ["x"])
