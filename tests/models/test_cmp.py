@@ -153,6 +153,10 @@ def test_yaml_config_is_the_released_architecture():
         config_from_mapping({"family": "clip"})
     with pytest.raises(TpasInputError, match="unknown CMP config key"):
         config_from_mapping({"nope": 1})
+    # YAML 1.1 reads 1e-12 as a string: numbers are coerced, wrong types named.
+    assert config_from_mapping({"text_layer_norm_eps": "1e-12"}).text_layer_norm_eps == 1e-12
+    with pytest.raises(TpasInputError, match="text_layers must be int"):
+        config_from_mapping({"text_layers": "6"})
 
 
 # ---------------------------------------------------------------- loading rules

@@ -117,7 +117,21 @@ class CMPConfig:
             raise ValueError(
                 f"unknown CMP config key(s): {', '.join(unknown)}; expected some of {', '.join(sorted(names))}"
             )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for k, v in data.items():
+            want = type(getattr(defaults, k))
+            if isinstance(v, list):
+                v = tuple(v)
+            # YAML 1.1 reads "1e-12" as a string and "4" where a float is meant as an int: coerce to the field type.
+            if want is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise ValueError(f"{k} must be a number, got {v!r}") from None
+            if type(v) is not want and not (want is tuple and isinstance(v, tuple)):
+                raise ValueError(f"{k} must be {want.__name__}, got {v!r}")
+            values[k] = v
         return cls(**values)
 
     @classmethod
