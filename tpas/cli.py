@@ -411,6 +411,158 @@ def convert_blip2_lavis_cmd(
     )
 
 
+# --- infer: any registered model family -> a SimsMatrix file (issue 4, engine) ---
+class _InferCommand(typer.core.TyperCommand):
+    """`tpas infer --help` names every registered family; the registry is imported only when help is shown."""
+
+    def format_help(self, ctx: typer.core._click.Context, formatter: typer.core._click.HelpFormatter) -> None:
+        from .models import list_models
+
+        families = ", ".join(list_models())
+        self.help = (self.help or "").replace("{families}", families)
+        for p in self.params:
+            if getattr(p, "help", None):
+                p.help = p.help.replace("{families}", families)
+        super().format_help(ctx, formatter)
+
+
+def _read_model_config(path: Path | None, family: str) -> dict | None:
+    """A configs/models/*.yaml file as a dict (its optional `family` key must name this family)."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(existing_file(path).read_text())
+    except yaml.YAMLError as e:
+        raise TpasInputError(f"not valid YAML ({' '.join(str(e).split())})", path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TpasInputError(f"expected a mapping of config keys, found {type(data).__name__}", path)
+    if data.get("family", family) != family:
+        raise TpasInputError(f"is a config for {data['family']!r}, not {family!r}", path)
+    return data
+
+
+class _RichInferProgress:
+    """Renders the engine's InferProgress reports as one rich progress bar per stage, with items/s."""
+
+    def __init__(self, progress: object) -> None:
+        self._labels = {"images": "encoding images", "texts": "encoding queries", "rerank": "re-ranking pairs"}
+        self.progress = progress
+        self.tasks: dict[str, object] = {}
+
+    def __call__(self, ev: object) -> None:
+        unit = {"images": "img/s", "texts": "queries/s", "rerank": "pairs/s"}.get(ev.stage, "/s")
+        if ev.stage not in self.tasks:
+            self.tasks[ev.stage] = self.progress.add_task(
+                self._labels.get(ev.stage, ev.stage), total=ev.total, rate=""
+            )
+        extra = f"{ev.rate:,.1f} {unit}" + (f" ({ev.cached} cached)" if ev.cached else "")
+        self.progress.update(self.tasks[ev.stage], completed=ev.done, total=ev.total, rate=extra)
+
+
+@app.command("infer", cls=_InferCommand)
+def infer_cmd(
+    family: Annotated[str, typer.Argument(help="Model family, one of: {families}.")],
+    images: Annotated[Path, typer.Option("--images", help="Gallery folder (ids = file stems).")],
+    queries: Annotated[Path, typer.Option("--queries", help="query.json, attr.json/ucc.json, JSON list or .txt.")],
+    out: Annotated[Path, typer.Option("--out", help="Output SimsMatrix file, e.g. sims_score/clip.pt.")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Weights file or folder.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Architecture YAML (configs/models/).")] = None,
+    pose: Annotated[
+        Path | None, typer.Option("--pose", help="Pose maps, same relative paths (pose-aware models).")
+    ] = None,
+    rerank_k: Annotated[
+        int | None, typer.Option("--rerank-k", help="Re-rank each query's top-k with the matching head.")
+    ] = None,
+    candidates: Annotated[
+        Path | None, typer.Option("--candidates", help="Take the top-k to re-rank from this SimsMatrix.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (autocast, CUDA only).")] = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images, captions or pairs per batch.")] = 32,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoding worker processes (default: CPU cores - 1, max 8).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Feature cache root (default $TPAS_CACHE_DIR or ~/.cache/tpas).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Encode everything afresh; keep no features.")] = False,
+    skip_bad_images: Annotated[
+        bool, typer.Option("--skip-bad-images", help="Record unreadable images in meta instead of stopping.")
+    ] = False,
+    trust_checkpoint: Annotated[
+        bool, typer.Option("--trust-checkpoint", help="Allow full unpickling of the checkpoint (trusted files only).")
+    ] = False,
+    vocab: Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt (cmp, blip2).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="sentencepiece model (beit3).")] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="open_clip architecture (clip); default: read from the checkpoint.")
+    ] = None,
+    itc_score: Annotated[
+        str | None, typer.Option("--itc-score", help="max | first-token (blip2 ITC over query tokens).")
+    ] = None,
+) -> None:
+    """Run a model family over a gallery and a query file; write a SimsMatrix (resumable: features are cached).
+
+    Families: {families}.
+    """
+    import os
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .models import load_model
+    from .models.engine import infer, itc_path_for
+
+    t0 = time.perf_counter()
+    model_config = _read_model_config(config, family)
+    model = load_model(
+        family,
+        checkpoint,
+        model_config,
+        arch=arch,
+        vocab=vocab,
+        tokenizer=tokenizer,
+        itc_score=itc_score,
+        trust_checkpoint=trust_checkpoint or None,
+    )
+    show = os.environ.get("RANK", "0") == "0"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=err_console, transient=True, disable=not (show and err_console.is_terminal)) as bar:
+        report = _RichInferProgress(bar)
+        sims = infer(
+            model,
+            images,
+            queries,
+            out,
+            pose_dir=pose,
+            rerank_k=rerank_k,
+            candidates=candidates,
+            batch_size=batch_size,
+            num_workers=workers,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            use_cache=not no_cache,
+            skip_bad_images=skip_bad_images,
+            progress=report,
+        )
+    if not show:
+        return
+    q, g = sims.shape
+    line = f"{out}: {q} queries x {g} gallery images ({sims.source}) in {time.perf_counter() - t0:.1f} s"
+    if rerank_k is not None:
+        line += f"; ITC matrix: {itc_path_for(out)}"
+    skipped = sims.meta.get("skipped_images") or []
+    if skipped:
+        line += f"; {len(skipped)} unreadable image(s) skipped (listed in meta)"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning input errors into one line and exit code 2."""
     try:

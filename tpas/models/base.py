@@ -31,6 +31,11 @@ class RetrievalModel(torch.nn.Module):
     has_match_head: ClassVar[bool] = False
     # Extra `tpas infer` options this family understands (e.g. {"vocab", "pose"}); anything else is refused.
     options: ClassVar[frozenset[str]] = frozenset()
+    # Pose-aware models set this (class- or instance-level, e.g. from the checkpoint): the engine then requires
+    # `--pose DIR` and passes each image's pose map to `preprocess`; other models refuse `--pose`.
+    needs_pose: bool = False
+    # The file the weights came from (set by `load_model`); its sha256 keys the feature cache and goes into meta.
+    checkpoint_path: Path | None = None
 
     @classmethod
     def from_checkpoint(cls, path: Path | None, config: dict[str, Any] | None = None, **options: Any) -> RetrievalModel:
@@ -103,9 +108,18 @@ def list_models() -> list[str]:
 
 def get_model_class(name: str) -> type[RetrievalModel]:
     """The registered class for `name`; TpasInputError naming the known families otherwise."""
-    known = list_models()
     if name not in _REGISTRY:
-        raise TpasInputError(f"unknown model family {name!r}; expected one of {', '.join(known)}")
+        # Import just this family's module first: `tpas infer clip` need not import transformers or torchscale.
+        import importlib
+
+        from . import _FAMILY_MODULES
+
+        if name in _FAMILY_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+    if name not in _REGISTRY:
+        known = list_models()
+        if name not in _REGISTRY:
+            raise TpasInputError(f"unknown model family {name!r}; expected one of {', '.join(known)}")
     return _REGISTRY[name]
 
 
@@ -120,4 +134,6 @@ def load_model(
             f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unknown))} do not apply to {family}"
         )
     model = cls.from_checkpoint(checkpoint, config, **{k: v for k, v in options.items() if v is not None})
+    if checkpoint is not None and model.checkpoint_path is None:
+        model.checkpoint_path = Path(checkpoint)
     return model.eval()

@@ -1,0 +1,418 @@
+"""CLIP (open-clip-torch) as a tpas family: `tpas infer clip --checkpoint ViT-L-14-336px.pt ...`.
+
+Accepted checkpoints, all offline: OpenAI's TorchScript release (`ViT-L-14-336px.pt`), an OpenAI-layout state dict
+(`.pt`/`.bin`, with or without the three int64 metadata keys), open_clip / Hugging Face files
+(`open_clip_pytorch_model.bin`, `open_clip_model.safetensors`, or their folder with `open_clip_config.json`), and
+open_clip training checkpoints (`{"state_dict": ...}`, `module.` prefix).
+
+Every trap of NOTES_clip.md that silently changes the numbers is guarded here:
+- activation: OpenAI weights need QuickGELU. It is read from the checkpoint (an OpenAI release is recognised by its
+  TorchScript container, its metadata keys or its fp16 pattern; open_clip files by `open_clip_config.json`); an
+  `--arch`/config that states the other activation is refused, and a checkpoint that shows neither needs one stated;
+- resolution and every other size come from the checkpoint's shapes; an `--arch` or config that disagrees is refused
+  (no silent position-embedding interpolation: weights load with `strict=True` into the exact architecture);
+- fp16 tensors are cast to fp32; the int64 metadata keys are checked against the shapes and dropped;
+- nothing is downloaded: a hub tag such as `openai` is answered with the file to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import TpasInputError
+from .base import Features, RetrievalModel, register
+from .checkpoint import extract_state_dict, load_checkpoint, strip_prefix
+
+DEFAULT_ARCH = "ViT-L-14-336"
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# Tensors that OpenAI's convert_weights leaves in fp16 (any one of them in fp16 beside an fp32 LayerNorm marks the
+# release format).
+_OPENAI_FP16_PROBE = "visual.conv1.weight"
+_OPENAI_FP32_PROBE = "ln_final.weight"
+
+
+def _oc() -> Any:
+    from .._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import open_clip
+
+    return open_clip
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint reading
+def _download_hint(arch: str | None = None, tag: str = "openai") -> str:
+    """Which file to get for an open_clip (arch, tag) and where to put it."""
+    oc = _oc()
+    base = (arch or DEFAULT_ARCH).removesuffix("-quickgelu")
+    cfg = oc.get_pretrained_cfg(base, tag) or {}
+    sources = []
+    if cfg.get("url"):
+        sources.append(cfg["url"])
+    if cfg.get("hf_hub"):
+        repo = cfg["hf_hub"].rstrip("/")
+        sources.append(f"https://huggingface.co/{repo} (file {OPEN_CLIP_FILES[0]} + {OPEN_CLIP_CONFIG})")
+    if not sources:
+        return f"open_clip knows no {tag!r} weights for {base}; pass a local checkpoint file"
+    name = Path(cfg["url"]).name if cfg.get("url") else OPEN_CLIP_FILES[0]
+    return f"download {' or '.join(sources)}, put it at checkpoints/{name} and pass --checkpoint checkpoints/{name}"
+
+
+def _missing_checkpoint(path: Path | None, arch: str | None) -> TpasInputError:
+    oc = _oc()
+    if path is None:
+        return TpasInputError(f"clip needs --checkpoint: {_download_hint(arch)} (tpas never downloads weights)")
+    tag = str(path)
+    base = (arch or DEFAULT_ARCH).removesuffix("-quickgelu")
+    if "/" not in tag and (oc.is_pretrained_cfg(base, tag) or oc.list_pretrained_models_by_tag(tag)):
+        return TpasInputError(
+            f"{tag!r} is an open_clip hub tag, not a file; tpas never downloads weights: {_download_hint(arch, tag)}"
+        )
+    return TpasInputError(f"checkpoint not found; {_download_hint(arch)}", path)
+
+
+def _read_checkpoint(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict + what the container says about its origin: {"format", "openai", "open_clip_config", "meta"}."""
+    from .checkpoint import is_torchscript
+
+    info: dict[str, Any] = {"openai": False, "open_clip_config": None, "meta": {}}
+    file = path
+    if path.is_dir():
+        found = [path / f for f in OPEN_CLIP_FILES if (path / f).is_file()]
+        if not found:
+            raise TpasInputError(f"folder holds none of {', '.join(OPEN_CLIP_FILES)}", path)
+        file = found[0]
+    cfg_file = file.parent / OPEN_CLIP_CONFIG
+    if cfg_file.is_file():
+        try:
+            info["open_clip_config"] = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TpasInputError(f"not valid JSON ({e})", cfg_file) from None
+        if not isinstance(info["open_clip_config"], dict) or "model_cfg" not in info["open_clip_config"]:
+            raise TpasInputError("expected an object with a 'model_cfg' entry", cfg_file)
+    if is_torchscript(file):
+        info["format"] = "openai-torchscript"
+        info["openai"] = True
+    elif file.suffix == ".safetensors":
+        info["format"] = "safetensors"
+    else:
+        info["format"] = "state-dict"
+    state = extract_state_dict(load_checkpoint(file, trust=trust), file, keys=("state_dict", "model", "module"))
+    state = strip_prefix(dict(state), "module.")
+    for k in OPENAI_META_KEYS:
+        if k in state:
+            t = state.pop(k)
+            if t.ndim != 0 or t.is_floating_point():
+                raise TpasInputError(
+                    f"metadata key {k!r} should be an integer scalar, found shape {tuple(t.shape)}", file
+                )
+            info["meta"][k] = int(t)
+            info["openai"] = True
+    probe, ref = state.get(_OPENAI_FP16_PROBE), state.get(_OPENAI_FP32_PROBE)
+    if probe is not None and ref is not None and probe.dtype == torch.float16 and ref.dtype == torch.float32:
+        info["openai"] = True  # clip.model.convert_weights leaves LayerNorms fp32 and casts conv/linear to fp16
+    # Released weights are partly fp16; tpas computes in fp32 and autocasts on GPU when asked.
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    info["file"] = file
+    return state, info
+
+
+def infer_geometry(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """open_clip model_cfg (sizes only) of a ViT CLIP state dict, as OpenAI's build_model reads them; None for
+    layouts whose sizes cannot be read from shapes (ResNet, timm or HF towers)."""
+    need = (
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "text_projection",
+        "positional_embedding",
+        "token_embedding.weight",
+        "ln_final.weight",
+    )
+    if not all(k in state for k in need):
+        return None
+    width = state["visual.conv1.weight"].shape[0]
+    patch = state["visual.conv1.weight"].shape[-1]
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    v_layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+    t_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+    t_width = state["ln_final.weight"].shape[0]
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "vision_cfg": {
+            "image_size": int(patch * grid),
+            "layers": v_layers,
+            "width": int(width),
+            "patch_size": int(patch),
+        },
+        "text_cfg": {
+            "context_length": int(state["positional_embedding"].shape[0]),
+            "vocab_size": int(state["token_embedding.weight"].shape[0]),
+            "width": int(t_width),
+            "heads": int(t_width // 64),
+            "layers": t_layers,
+        },
+    }
+
+
+def _geometry_mismatch(ckpt: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Human-readable differences between the checkpoint's sizes and a config's (keys the config leaves at
+    open_clip defaults are compared against those defaults)."""
+    oc = _oc()
+    vdef, tdef = oc.model.CLIPVisionCfg(), oc.model.CLIPTextCfg()
+    diffs = []
+    if cfg.get("embed_dim") != ckpt["embed_dim"]:
+        diffs.append(f"embed_dim: checkpoint {ckpt['embed_dim']}, config {cfg.get('embed_dim')}")
+    for tower, default in (("vision_cfg", vdef), ("text_cfg", tdef)):
+        given = cfg.get(tower) or {}
+        for key, value in ckpt[tower].items():
+            if tower == "text_cfg" and key == "heads":
+                continue  # not in the weights' shapes; OpenAI's rule (width / 64) is only a convention
+            have = given.get(key, getattr(default, key))
+            if isinstance(have, (list, tuple)) and len(set(have)) == 1:
+                have = have[0]
+            if have != value:
+                diffs.append(f"{tower[:-4]}.{key}: checkpoint {value}, config {have}")
+    return diffs
+
+
+def _resolve_config(
+    state: dict[str, torch.Tensor], info: dict[str, Any], config: dict[str, Any] | None, arch: str | None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(arch name, open_clip model_cfg incl. quick_gelu, preprocess cfg) for this checkpoint, or refuse."""
+    oc = _oc()
+    config = dict(config or {})
+    unknown = set(config) - {"family", "arch", "model_cfg", "preprocess"}
+    if unknown:
+        raise TpasInputError(
+            f"unknown clip config key(s) {', '.join(sorted(unknown))}; expected arch, model_cfg, preprocess"
+        )
+    if arch and config.get("arch") and arch != config["arch"]:
+        raise TpasInputError(f"--arch {arch} disagrees with the config's arch {config['arch']}")
+    arch = arch or config.get("arch")
+    stated: dict[str, Any] | None = None
+    name = "custom"
+    if arch:
+        stated = oc.get_model_config(arch)
+        if stated is None:
+            near = [m for m in oc.list_models() if m.lower().startswith(arch.lower().split("-")[0])][:8]
+            raise TpasInputError(f"--arch {arch!r} is not an open_clip architecture (e.g. {', '.join(near)})")
+        name = arch
+        if config.get("model_cfg"):
+            raise TpasInputError("give either arch or model_cfg in a clip config, not both")
+    elif config.get("model_cfg"):
+        stated = dict(config["model_cfg"])
+    oc_json = info["open_clip_config"]
+    if stated is None and oc_json is not None:
+        stated, name = dict(oc_json["model_cfg"]), "open_clip_config.json"
+    if "multimodal_cfg" in (stated or {}):
+        raise TpasInputError(f"{name} is a captioning (CoCa) architecture; tpas runs contrastive CLIP models only")
+
+    # Activation: evidence from the checkpoint vs what the arch/config states.
+    evidence, why = None, ""
+    if info["openai"]:
+        evidence, why = True, "an OpenAI release (trained with QuickGELU)"
+    elif oc_json is not None:
+        evidence, why = bool(oc_json["model_cfg"].get("quick_gelu", False)), f"its {OPEN_CLIP_CONFIG}"
+    statement = None
+    if arch or config.get("model_cfg"):
+        statement = bool((stated or {}).get("quick_gelu", False))
+    act = lambda q: "QuickGELU" if q else "GELU"  # noqa: E731
+    if evidence is not None and statement is not None and evidence != statement:
+        hint = f"; use --arch {arch.removesuffix('-quickgelu')}{'-quickgelu' if evidence else ''}" if arch else ""
+        raise TpasInputError(
+            f"the checkpoint is {why}: {act(evidence)}, but {name} builds {act(statement)}, which silently changes "
+            f"every score{hint}"
+        )
+    quick_gelu = evidence if evidence is not None else statement
+    if quick_gelu is None:
+        raise TpasInputError(
+            "cannot tell from this checkpoint whether it was trained with QuickGELU (OpenAI weights) or GELU (most "
+            f"open_clip weights); state it: --arch NAME-quickgelu or --arch NAME (e.g. {DEFAULT_ARCH}-quickgelu), "
+            f"or put {OPEN_CLIP_CONFIG} beside the file",
+            info["file"],
+        )
+
+    geometry = infer_geometry(state)
+    if stated is None:
+        if geometry is None:
+            raise TpasInputError(
+                "cannot read the architecture from this checkpoint's shapes; pass --arch", info["file"]
+            )
+        stated = geometry
+        name = _registered_name(geometry, quick_gelu) or "custom"
+    elif geometry is not None:
+        diffs = _geometry_mismatch(geometry, stated)
+        if diffs:
+            raise TpasInputError(
+                f"the checkpoint does not fit {name}: {'; '.join(diffs)} (tpas refuses to interpolate or truncate "
+                "weights; drop --arch to build from the checkpoint)",
+                info["file"],
+            )
+    res = info["meta"].get("input_resolution")
+    image_size = (stated.get("vision_cfg") or {}).get("image_size")
+    if res is not None and geometry is not None and res != geometry["vision_cfg"]["image_size"]:
+        raise TpasInputError(
+            f"metadata input_resolution {res} disagrees with the position embedding "
+            f"({geometry['vision_cfg']['image_size']} px)",
+            info["file"],
+        )
+    model_cfg = json.loads(json.dumps(stated))  # deep copy, plain JSON types
+    model_cfg["quick_gelu"] = quick_gelu
+    pre = {"image_size": image_size if image_size is not None else 224}
+    if oc_json is not None:
+        pre.update({k: v for k, v in (oc_json.get("preprocess_cfg") or {}).items() if k in _PRE_KEYS})
+    pre.update({k: v for k, v in (config.get("preprocess") or {}).items() if k in _PRE_KEYS})
+    return name, model_cfg, pre
+
+
+_PRE_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _registered_name(geometry: dict[str, Any], quick_gelu: bool) -> str | None:
+    """The open_clip architecture name whose sizes and activation equal `geometry` (for describe/tokenizer)."""
+    oc = _oc()
+    for name in oc.list_models():
+        cfg = oc.get_model_config(name)
+        if (
+            cfg
+            and bool(cfg.get("quick_gelu", False)) == quick_gelu
+            and "timm_model_name" not in cfg.get("vision_cfg", {})
+            and "hf_model_name" not in cfg.get("text_cfg", {})
+            and not _geometry_mismatch(geometry, cfg)
+            and set(cfg) <= {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+            and set(cfg["vision_cfg"]) <= {"image_size", "layers", "width", "patch_size"}
+        ):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the family
+@register("clip")
+class ClipModel(RetrievalModel):
+    """An open_clip CLIP with OpenAI's test-time preprocessing and tokenizer; features L2-normalised, sims = cosine."""
+
+    options = frozenset({"arch", "trust_checkpoint"})
+
+    def __init__(
+        self,
+        clip: torch.nn.Module,
+        arch: str,
+        model_cfg: dict[str, Any],
+        preprocess_cfg: dict[str, Any],
+        checkpoint_format: str = "none",
+    ):
+        super().__init__()
+        oc = _oc()
+        self.clip = clip
+        self.arch = arch
+        self.model_cfg = model_cfg
+        self.checkpoint_format = checkpoint_format
+        mean = preprocess_cfg.get("mean") or oc.constants.OPENAI_DATASET_MEAN
+        std = preprocess_cfg.get("std") or oc.constants.OPENAI_DATASET_STD
+        self.preprocess_cfg = {
+            "image_size": preprocess_cfg["image_size"],
+            "mean": [float(x) for x in mean],
+            "std": [float(x) for x in std],
+            "interpolation": preprocess_cfg.get("interpolation") or "bicubic",
+            "resize_mode": preprocess_cfg.get("resize_mode") or "shortest",
+        }
+        p = self.preprocess_cfg
+        self.transform = oc.image_transform(
+            p["image_size"],
+            is_train=False,
+            mean=tuple(p["mean"]),
+            std=tuple(p["std"]),
+            resize_mode=p["resize_mode"],
+            interpolation=p["interpolation"],
+        )
+        text_cfg = model_cfg.get("text_cfg") or {}
+        self.context_length = int(text_cfg.get("context_length", 77))
+        if arch not in ("custom", "open_clip_config.json") and oc.get_model_config(arch) is not None:
+            self.tokenizer = oc.get_tokenizer(arch, context_length=self.context_length)
+        elif text_cfg.get("hf_tokenizer_name"):
+            self.tokenizer = oc.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=self.context_length)
+        else:
+            self.tokenizer = oc.SimpleTokenizer(context_length=self.context_length)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path | None,
+        config: dict[str, Any] | None = None,
+        *,
+        arch: str | None = None,
+        trust_checkpoint: bool = False,
+    ) -> ClipModel:
+        """Build from any accepted checkpoint; the architecture comes from its shapes (see module docstring)."""
+        if path is None or not Path(path).exists():
+            raise _missing_checkpoint(None if path is None else Path(path), arch or (config or {}).get("arch"))
+        state, info = _read_checkpoint(Path(path), trust_checkpoint)
+        name, model_cfg, pre = _resolve_config(state, info, config, arch)
+        clip = build_open_clip(model_cfg, name)
+        try:
+            clip.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:400]
+            raise TpasInputError(f"weights do not fit the {name} architecture: {first}", info["file"]) from None
+        model = cls(clip, name, model_cfg, pre, info["format"])
+        model.checkpoint_path = Path(path)
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture, activation, preprocessing and tokenizer (JSON-able)."""
+        return {
+            "family": "clip",
+            "arch": self.arch,
+            "model_cfg": self.model_cfg,
+            "quick_gelu": bool(self.model_cfg.get("quick_gelu", False)),
+            "checkpoint_format": self.checkpoint_format,
+            "preprocess": {"transform": "open_clip.image_transform(is_train=False)", **self.preprocess_cfg},
+            "tokenizer": {
+                "type": type(self.tokenizer).__name__,
+                "context_length": self.context_length,
+                "truncate": True,
+            },
+            "features": "L2-normalised; similarity = text @ image.T",
+        }
+
+    def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
+        """open_clip's eval transform (resize shorter side, center crop, to RGB after resizing, mean/std)."""
+        return {"pixels": self.transform(image)}
+
+    def tokenize(self, texts: Sequence[str]) -> Features:
+        """open_clip tokenizer: SOT + BPE + EOT, truncated to the context length with EOT kept last."""
+        return {"input_ids": self.tokenizer(list(texts))}
+
+    def encode_images(self, batch: Features) -> Features:
+        """L2-normalised image embeddings [N, D], normalised in fp32 whatever the autocast precision."""
+        feats = self.clip.encode_image(batch["pixels"])
+        return {"embed": torch.nn.functional.normalize(feats.float(), dim=-1)}
+
+    def encode_texts(self, tokens: Features) -> Features:
+        """L2-normalised text embeddings [N, D] (pooled at the EOT token)."""
+        feats = self.clip.encode_text(tokens["input_ids"])
+        return {"embed": torch.nn.functional.normalize(feats.float(), dim=-1)}
+
+
+def build_open_clip(model_cfg: dict[str, Any], name: str = "custom") -> torch.nn.Module:
+    """An open_clip CLIP (or CustomTextCLIP) from a model_cfg dict, randomly initialised, fp32, eval mode."""
+    oc = _oc()
+    cfg = json.loads(json.dumps(model_cfg))
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in (cfg.get("text_cfg") or {})
+    try:
+        if custom_text:
+            cfg.setdefault("text_cfg", {})["hf_model_pretrained"] = False  # weights come from our checkpoint
+            model = oc.model.CustomTextCLIP(**cfg)
+        else:
+            model = oc.model.CLIP(**cfg)
+    except (TypeError, ValueError, OSError) as e:
+        raise TpasInputError(f"cannot build the open_clip architecture {name} ({e})") from None
+    return model.eval()
