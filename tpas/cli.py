@@ -563,6 +563,35 @@ def infer_cmd(
     console.print(line, highlight=False, soft_wrap=True)
 
 
+# --- demo: the post-processing pipeline on synthetic data (issue 2; the demo issue extends it) ---
+@app.command("demo")
+def demo_cmd(
+    root: Annotated[
+        Path, typer.Option("--root", help="Folder under which data/demo, sims_score/demo, predictions/demo go.")
+    ] = Path("."),
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic split and scores.")] = 0,
+) -> None:
+    """Run evaluate, submit and validate on a synthetic split (CPU, seconds, no downloads)."""
+    from .demo import run_demo
+
+    with err_console.status("demo") as status:
+        res = run_demo(root, seed=seed, progress=lambda msg: status.update(msg))
+    ev = res.result.evaluation
+    console.print(f"synthetic split: {res.annotation}, {res.query_json}, {res.query_index}", highlight=False)
+    console.print(f"matrices: {res.eval_sims} (annotation ids), {res.submit_sims} (name-masked ids)", highlight=False)
+    console.print(_metrics_table(f"tpas evaluate {res.eval_sims} --gt {res.annotation}", ev.overall, "queries"))
+    for col in ev.by:
+        console.print(_metrics_table(f"by {col}", ev.breakdown(col), col))
+    spread = ", ".join(f"{k} {v:.2f}" for k, v in res.r1_by_ties.items())
+    console.print(f"R@1 under each tie rule: {spread}; the ranking file follows 'stable'",
+                  highlight=False)  # fmt: skip
+    rep = res.result.validation
+    console.print(f"wrote {', '.join(map(str, res.result.written))}; validated: {rep.n_lines} lines x 10 ids, "
+                  f"{'OK' if rep.ok else 'INVALID'}", highlight=False)  # fmt: skip
+    if not rep.ok:
+        raise TpasInputError(str(rep.problems[0]), rep.path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning input errors into one line and exit code 2."""
     try:
