@@ -427,7 +427,6 @@ class BEiT3Retrieval(RetrievalModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.tokenizer = tokenizer
         self.image_transform = BEiT3ImageTransform(config.img_size)
-        self.checkpoint_info: dict[str, Any] = {}
 
     @classmethod
     def from_checkpoint(
@@ -464,7 +463,7 @@ class BEiT3Retrieval(RetrievalModel):
         model.check_layout(state, path)
         model.load_state_dict(state, strict=True, assign=True)
         model.float()
-        model.checkpoint_info = {"path": str(path), "name": path.name}
+        model.checkpoint_path = path
         return model.eval()
 
     def check_layout(self, state: Mapping[str, torch.Tensor], path: Path | None = None) -> None:
@@ -506,8 +505,6 @@ class BEiT3Retrieval(RetrievalModel):
         }
         if self.tokenizer is not None:
             out["tokenizer"] = {"file": self.tokenizer.path.name, "sha256": self.tokenizer.sha256}
-        if self.checkpoint_info:
-            out["checkpoint"] = dict(self.checkpoint_info)
         return out
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
