@@ -1,7 +1,7 @@
 """BEiT-3 retrieval (Microsoft unilm `BEiT3ForRetrieval`) on torchscale's multiway encoder.
 
 The module below has exactly the parameter names of the official retrieval checkpoints
-(`beit3_{base,large}_patch16_{224,384}_{coco,f30k}_retrieval.pth`, weights under `model`) and of fine-tunes saved by
+(`beit3_{base,large}_patch16_384_{coco,f30k}_retrieval.pth`, weights under `model`) and of fine-tunes saved by
 the original trainer (e.g. `lhp_beit3.pth`), so they load with `strict=True`. Test-time behaviour follows the
 reference code: the encoder is torchscale's `BEiT3` (vision inputs routed through the `.A.` experts, text through the
 `.B.` experts), token 0 after the final multiway LayerNorm goes through `vision_head` / `language_head` and is
@@ -450,7 +450,7 @@ class BEiT3Retrieval(RetrievalModel):
             raise TpasInputError(f"option(s) {', '.join(sorted(options))} do not apply to beit3")
         if path is None:
             raise TpasInputError(
-                "beit3 needs --checkpoint: one of Microsoft's beit3_{base,large}_patch16_{224,384}_{coco,f30k}"
+                "beit3 needs --checkpoint: one of Microsoft's beit3_{base,large}_patch16_384_{coco,f30k}"
                 f"_retrieval.pth ({RELEASE_PAGE}) or a fine-tune of them such as lhp_beit3.pth"
             )
         path = Path(path)
