@@ -13,6 +13,7 @@ Other detectors (OpenPose itself, MMPose, ...) plug in with `register_detector`.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,7 +89,7 @@ class KeypointRCNNDetector:
             model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_keypoints=17)
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, ImportError, KeyError) as e:
+        except (RuntimeError, ImportError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise TpasInputError(
                 f"cannot build torchvision Keypoint R-CNN from this file ({str(e).splitlines()[0]})", weights
             ) from None
