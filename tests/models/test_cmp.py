@@ -369,12 +369,20 @@ def test_cli_infer_cmp_with_pose_and_rerank(tiny_ckpt, tmp_path):
     final, itc = SimsMatrix.load(out), SimsMatrix.load(tmp_path / "x.itc.pt")
     assert final.shape == itc.shape == (len(CAPTIONS), 6)
     assert float(final.scores.min()) >= 0.0 and float(final.scores.max()) <= 1.002 + 1e-6
-    # Same ranking of each row's top-4 as the ITM scores; the config file must agree with the checkpoint.
+    # Removing the small ITC term leaves the normalised ITM part: constant (the row minimum) outside each top-4.
+    i = itc.scores
+    itm_part = final.scores - 0.002 * (i - i.min()) / (i.max() - i.min())
+    for q in range(len(CAPTIONS)):
+        rest = torch.argsort(-i[q], stable=True)[4:]
+        assert torch.allclose(itm_part[q, rest], itm_part[q, rest[0]].expand(len(rest)), atol=1e-6)
+        assert torch.isclose(itm_part[q, rest[0]], itm_part[q].min(), atol=1e-6)
+    # The config file must agree with the checkpoint.
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("family: cmp\ntext_layers: 3\n")
     res = runner.invoke(app, [*args[:-7], "--out", str(tmp_path / "y.pt"), "--config", str(bad_cfg), "--workers", "0",
                               "--no-cache"])  # fmt: skip
-    assert res.exit_code != 0 and not (tmp_path / "y.pt").exists()
+    assert isinstance(res.exception, TpasInputError) and "text_layers" in str(res.exception)
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_cli_infer_cmp_without_pose_exits_2(tiny_ckpt, tmp_path):
