@@ -309,3 +309,17 @@ def test_library_rejects_missing_partner_key():
     lavis = qformer | {VIT_PREFIX + k: v for k, v in vit.items()}
     with pytest.raises(TpasInputError, match="v_bias"):
         apply_keymap(lavis, "pretrain", vit_depth=TINY_VIT_BLOCKS)
+
+
+def test_pickled_extras_need_trust_checkpoint(tmp_path, capsys):
+    """A LAVIS training checkpoint may carry a pickled config object next to ['model']: refused unless trusted."""
+    import argparse
+
+    qformer, vit = tiny_lavis_state("pretrain")
+    q_path, v_path = tmp_path / "q.pth", tmp_path / "v.pth"
+    torch.save({"model": qformer, "config": argparse.Namespace(run="pretrain")}, q_path)
+    torch.save(vit, v_path)
+    code, output = convert_cli(capsys, q_path, v_path, tmp_path / "out")
+    assert code == 2 and "--trust-checkpoint" in output and "q.pth" in output
+    code, output = convert_cli(capsys, q_path, v_path, tmp_path / "out", "--trust-checkpoint")
+    assert code == 0, output
