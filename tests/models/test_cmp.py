@@ -312,6 +312,18 @@ def test_training_api_shapes_and_gradients():
 
 
 # ---------------------------------------------------------------- re-rank and final score
+def test_match_skips_trailing_padding_without_changing_scores():
+    model = tiny_model()
+    ids = torch.randint(5, 128, (6, 56))
+    mask = (torch.arange(56)[None] < torch.tensor([5, 9, 12, 7, 30, 3])[:, None]).long()
+    tokens = torch.randn(6, 5, 128)
+    with torch.no_grad():
+        states = model.encode_text_tokens(ids * mask, mask)
+        full = model.itm_logits(model.cross_cls(states, mask, tokens))[:, 1]
+        got = model.match({"states": states, "attention_mask": mask}, {"tokens": tokens})
+    assert torch.allclose(got, full, atol=1e-5)
+
+
 def test_final_score_is_global_minmax_plus_small_itc_term():
     itm = torch.tensor([[3.0, 1.0, 1.0], [1.0, -2.0, 5.0]])
     itc = torch.tensor([[0.2, 0.1, 0.0], [0.4, 0.3, 0.1]])

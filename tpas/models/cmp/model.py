@@ -389,7 +389,12 @@ class CMP(RetrievalModel):
     def match(self, text: Features, image: Features) -> torch.Tensor:
         """ITM match logits [N] for paired rows: itm_head(fusion CLS)[:, 1] (raw logit, as the reference)."""
         tokens = image["tokens"]
-        cls = self.cross_cls(text["states"].to(tokens.dtype), text["attention_mask"], tokens)
+        mask = text["attention_mask"]
+        # Positions after the batch's last real token are [PAD]s masked with -10000 (exp underflows to exactly 0),
+        # so the fusion CLS does not depend on them: dropping them is the same computation on fewer tokens.
+        used = mask.bool().any(dim=0).nonzero()
+        n = int(used.max()) + 1 if used.numel() else mask.shape[1]
+        cls = self.cross_cls(text["states"][:, :n].to(tokens.dtype), mask[:, :n], tokens)
         return self.itm_logits(cls)[:, 1]
 
     def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
