@@ -309,3 +309,26 @@ def test_tpas_infer_blip2_rerank_matches_library_scores(converted, model_type, t
         torch.testing.assert_close(scores[q, top], probs, rtol=1e-5, atol=1e-5)
         rest = [g for g in range(5) if g not in top.tolist()]
         torch.testing.assert_close(scores[q, rest], probs.min().expand(len(rest)), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_safetensors_directory_loads_the_same_weights(converted, tmp_path):
+    """Hub-style directories split the weights into shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(converted["pretrain"], sharded)
+    state = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(sharded / name))
+        weight_map |= dict.fromkeys(part, name)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, b = load_model("blip2", converted["pretrain"]), load_model("blip2", sharded)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    (sharded / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(TpasInputError, match=r"model-00001-of-00002\.safetensors: checkpoint file not found"):
+        load_model("blip2", sharded)
