@@ -135,7 +135,7 @@ def tiny_clip_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def clip_kit() -> SimpleNamespace:
     """The helpers above for test modules (conftest modules are not imported by name)."""
     return SimpleNamespace(

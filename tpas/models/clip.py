@@ -18,6 +18,7 @@ Every trap of NOTES_clip.md that silently changes the numbers is guarded here:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ def _read_checkpoint(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], 
         info["format"] = "safetensors"
     else:
         info["format"] = "state-dict"
-    state = extract_state_dict(load_checkpoint(file, trust=trust), file, keys=("state_dict", "model", "module"))
+    with warnings.catch_warnings():
+        # torch.jit is deprecated, but OpenAI's release is a TorchScript archive and jit.load is its safe reader.
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=DeprecationWarning)
+        obj = load_checkpoint(file, trust=trust)
+    state = extract_state_dict(obj, file, keys=("state_dict", "model", "module"))
     state = strip_prefix(dict(state), "module.")
     for k in OPENAI_META_KEYS:
         if k in state:
