@@ -332,3 +332,22 @@ def test_sharded_safetensors_directory_loads_the_same_weights(converted, tmp_pat
     (sharded / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(TpasInputError, match=r"model-00001-of-00002\.safetensors: checkpoint file not found"):
         load_model("blip2", sharded)
+
+
+def test_shipped_config_describes_the_released_pretrain_vitL_model():
+    """configs/models/blip2.yaml states the seed's model; every architecture value matches the full-size layout."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "models" / "blip2.yaml").read_text())
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    hf_ref = json.loads((fixtures / "blip2_hf_itm_layout.json").read_text())["models"]["pretrain_vitL"]
+    assert config["family"] == "blip2" and config["model_type"] == "pretrain_vitL" and config["ln_pre"] is True
+    for section, hf_section in (("vision", "vision_config"), ("qformer", "qformer_config")):
+        for key, value in config[section].items():
+            assert hf_ref["config"][hf_section][key] == value, (section, key)
+    layout = hf_ref["layout"]
+    assert layout["query_tokens"][0] == [1, config["num_query_tokens"], config["qformer"]["hidden_size"]]
+    assert layout["vision_projection.weight"][0][0] == config["embed_dim"]
+    assert layout["vision_model.embeddings.patch_embedding.weight"][0][-1] == config["patch_size"]
+    assert layout["vision_model.embeddings.position_embedding"][0][1] == (224 // 14) ** 2 + 1
