@@ -442,7 +442,9 @@ def render_sample(
     placed, scale = _place(kp, size, lift, rng)
     img = _background(person.scene, size, rng)
     _draw_person(img, placed, scale, person, action)
-    pose = render_pose_map(placed.astype(np.float32), size=size)
+    # OpenPose draws 4-px limbs on ~500-px frames; scale the strokes down with our small images.
+    stroke = max(1, round(min(size) / 32))
+    pose = render_pose_map(placed.astype(np.float32), size=size, stick_width=stroke, radius=stroke)
     return img, pose.convert("RGB"), placed
 
 
