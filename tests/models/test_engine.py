@@ -365,6 +365,23 @@ def test_rerank_skips_bad_images_and_reads_states_from_disk(tiny_gallery: TinyGa
                                rtol=0)  # fmt: skip
 
 
+def test_match_states_are_stored_only_by_reranking_runs(tiny_gallery: TinyGallery, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model = ToyMatchModel()
+    kw = {"batch_size": 4, "num_workers": 0, "cache_dir": tmp_path / "cache"}
+    plain = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "a.pt", **kw)
+    assert model.image_calls == 2
+    for chunk in (tmp_path / "cache").rglob("chunk-*.safetensors"):
+        with safe_open(str(chunk), framework="pt") as fh:
+            assert set(fh.keys()) == {"embed"}  # no match states without --rerank-k
+    infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "b.pt", rerank_k=2, **kw)
+    assert model.image_calls == 4  # re-ranking needs the states: encoded once more, now kept
+    again = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "c.pt", **kw)
+    infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "d.pt", rerank_k=3, **kw)
+    assert model.image_calls == 4 and torch.equal(again.scores, plain.scores)
+
+
 def test_cli_rerank_with_a_registered_family(tiny_gallery: TinyGallery, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from tpas.models import base

@@ -3,7 +3,9 @@
 Layout: `<cache root>/<key digest>/` holds `key.json` (what the digest was made from: family, checkpoint sha256, the
 model's `describe()` including preprocessing, precision, device type) and chunk files `chunk-*.safetensors`. Each
 chunk holds the features of one encoded batch (every key the model's `encode_images` returned, item axis first) and,
-in its metadata, the item key of every row: the image's absolute path, mtime and size (plus its pose map's). An image
+in its metadata, the item key of every row: the image's absolute path, mtime and size (plus its pose map's), and
+whether the chunk is `complete` (every feature `encode_images` returned) or holds `embed` only: the per-image states a
+matching head needs can be large (ViT tokens), so they are kept only by runs that re-rank. An image
 that changes gets a new item key and is encoded again; a different checkpoint, preprocessing or precision gets a
 different directory. Chunks are written to a temp name and renamed, so a killed run never leaves a torn chunk.
 """
@@ -91,31 +93,38 @@ class FeatureStore:
             raise TpasInputError(
                 f"cannot write the feature cache ({e.strerror}); pass another --cache-dir", root
             ) from None
-        self._index: dict[str, tuple[Path, int]] = {}
+        self._index: dict[str, tuple[Path, int, bool]] = {}
 
     # ------------------------------------------------------------------ index
-    def scan(self) -> dict[str, tuple[Path, int]]:
-        """Re-read every chunk's item list; returns item key -> (chunk file, row). Unreadable chunks are ignored."""
+    def scan(self) -> dict[str, tuple[Path, int, bool]]:
+        """Re-read every chunk's item list; returns item key -> (chunk file, row, complete). A complete chunk wins
+        over an embed-only one for the same item. Unreadable chunks are ignored (their items get encoded again)."""
         from safetensors import safe_open
 
-        index: dict[str, tuple[Path, int]] = {}
+        index: dict[str, tuple[Path, int, bool]] = {}
         for f in sorted(self.dir.glob(_CHUNK_GLOB)):
             try:
                 with safe_open(str(f), framework="pt") as fh:
-                    items = json.loads((fh.metadata() or {}).get("items", "[]"))
+                    meta = fh.metadata() or {}
+                items = json.loads(meta.get("items", "[]"))
+                complete = meta.get("complete", "1") == "1"
             except Exception:  # a chunk from a crashed foreign writer or a full disk: just encode those items again
                 continue
             for row, k in enumerate(items):
-                index.setdefault(k, (f, row))
+                if k not in index or (complete and not index[k][2]):
+                    index[k] = (f, row, complete)
         self._index = index
         return index
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
+    def has(self, key: str, complete: bool = False) -> bool:
+        """Whether the store holds `key` (with every feature, when `complete`)."""
+        entry = self._index.get(key)
+        return entry is not None and (entry[2] or not complete)
 
     # ------------------------------------------------------------------ write
-    def write_chunk(self, keys: Sequence[str], features: dict[str, torch.Tensor]) -> Path:
-        """Store one batch (rows in `keys` order) atomically and add it to the index."""
+    def write_chunk(self, keys: Sequence[str], features: dict[str, torch.Tensor], complete: bool = True) -> Path:
+        """Store one batch (rows in `keys` order) atomically and add it to the index; `complete=False` marks a chunk
+        that holds only some of the features (`embed` without the match states)."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in features.items()}
@@ -124,10 +133,13 @@ class FeatureStore:
                 raise ValueError(f"feature {name!r} has {t.shape[0]} rows for {len(keys)} items")
         name = f"chunk-{uuid.uuid4().hex}.safetensors"
         path = atomic_write(
-            self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata={"items": json.dumps(list(keys))})
+            self.dir / name,
+            lambda tmp: save_file(
+                tensors, str(tmp), metadata={"items": json.dumps(list(keys)), "complete": "1" if complete else "0"}
+            ),
         )
         for row, k in enumerate(keys):
-            self._index[k] = (path, row)
+            self._index[k] = (path, row, complete)
         return path
 
     # ------------------------------------------------------------------ read
@@ -146,7 +158,7 @@ class FeatureStore:
             raise KeyError(f"{len(missing)} item(s) not in the feature cache, e.g. {missing[0]}")
         by_file: dict[Path, list[tuple[int, int]]] = defaultdict(list)  # file -> [(row, output position)]
         for pos, k in enumerate(keys):
-            f, row = self._index[k]
+            f, row, _ = self._index[k]
             by_file[f].append((row, pos))
         out: dict[str, torch.Tensor] = {}
         for f, rows in by_file.items():

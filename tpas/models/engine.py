@@ -316,7 +316,19 @@ def infer(
             keys = [k if poses[i].is_file() else k + "||pose-missing" for i, k in enumerate(keys)]
 
         bad = _encode_gallery(
-            model, store, gallery, keys, poses, dist, dev, autocast, batch_size, num_workers, skip_bad_images, progress
+            model,
+            store,
+            gallery,
+            keys,
+            poses,
+            dist,
+            dev,
+            autocast,
+            batch_size,
+            num_workers,
+            skip_bad_images,
+            progress,
+            states=rerank_k is not None,
         )
         bad_all: dict[int, str] = {}
         for part in dist.all_gather(bad):
@@ -415,11 +427,16 @@ def _encode_gallery(
     num_workers: int,
     skip_bad_images: bool,
     progress: ProgressFn | None,
+    states: bool,
 ) -> dict[int, str]:
-    """Encode this rank's shard of the gallery that the store does not hold yet; returns {index: error} skipped."""
+    """Encode this rank's shard of the gallery that the store does not hold yet; returns {index: error} skipped.
+
+    With `states`, every feature `encode_images` returns is stored (re-ranking reads them back); otherwise only
+    `embed`, so a run without re-ranking does not fill the disk with match states it never reads.
+    """
     store.scan()
     mine = dist.shard(len(gallery))
-    todo = [i for i in mine if keys[i] not in store]
+    todo = [i for i in mine if not store.has(keys[i], complete=states)]
     cached = len(mine) - len(todo)
     total = len(mine)
     if progress:
@@ -441,7 +458,10 @@ def _encode_gallery(
             if batch.indices:
                 with torch.inference_mode(), autocast:
                     feats = model.encode_images(_to_device(batch.features, dev))
-                store.write_chunk([keys[todo[j]] for j in batch.indices], _to_cpu(feats))
+                feats = _to_cpu(feats)
+                complete = states or set(feats) == {"embed"}
+                kept = feats if complete else {"embed": feats["embed"]}
+                store.write_chunk([keys[todo[j]] for j in batch.indices], kept, complete=complete)
                 encoded += len(batch.indices)
             done += len(batch)
             if progress:
@@ -479,7 +499,9 @@ def _encode_texts(
 
 def _similarity(model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """[Q, G] = model.similarity in gallery blocks, so token-level similarities stay within a memory budget."""
-    per_image = max(1, image[0].numel() if len(image) else 1) * max(1, text.shape[0])
+    # The intermediate per image is [Q, tokens] (tokens = 1 for one vector per image, 32 for BLIP-2's queries).
+    tokens = image[0].numel() // image.shape[-1] if len(image) else 1
+    per_image = max(1, tokens) * max(1, text.shape[0])
     block = max(1, _SIM_BLOCK_ELEMS // per_image)
     t = text.to(dev)
     cols = []
