@@ -310,7 +310,10 @@ def infer(
 
         images_root = Path(images_dir)
         poses = [pose_path(g.path, images_root, Path(pose_dir)) for g in gallery] if pose_dir is not None else None
-        keys = [item_key(g.path, poses[i] if poses and poses[i].is_file() else None) for i, g in enumerate(gallery)]
+        try:
+            keys = [item_key(g.path, poses[i] if poses and poses[i].is_file() else None) for i, g in enumerate(gallery)]
+        except FileNotFoundError as e:  # deleted between listing and stat (a gallery being written to)
+            raise TpasInputError("image vanished while the gallery was being read", e.filename) from None
         if poses is not None:
             # A missing pose map must not share a cache entry with its image alone; the dataset reports it.
             keys = [k if poses[i].is_file() else k + "||pose-missing" for i, k in enumerate(keys)]
