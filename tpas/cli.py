@@ -251,6 +251,60 @@ def synth_cmd(
     )
 
 
+# --- train: the CMP trainer (issue 7); `torchrun --nproc_per_node N -m tpas train cmp ...` for DDP ---
+train_app = typer.Typer(help="Train a model family (CMP).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("cmp")
+def train_cmp_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Training YAML (configs/train/cmp.yaml).")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint_last.pth.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3 (repeatable).")
+    ] = None,
+) -> None:
+    """Train CMP (ITC + IHNM-enhanced ITM + MLM, pose-aware); evaluates each epoch, checkpoints atomically."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .train import distributed as du
+    from .train.config import load_train_config
+    from .train.trainer import train
+
+    cfg = load_train_config(existing_file(config), set_ or [])
+    main_proc = int(__import__("os").environ.get("RANK", "0")) == 0
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=err_console, disable=not main_proc) as bar:
+        task = bar.add_task("training", total=None, status="")
+
+        def on_event(event: dict) -> None:
+            kind = event["kind"]
+            if kind == "start":
+                bar.update(task, total=event["total_steps"], completed=event["step"])
+                bar.console.print(
+                    f"{event['records']} pairs, {event['steps_per_epoch']} steps/epoch x {event['epochs']} epochs "
+                    f"on {event['world_size']} process(es), {event['device']}",
+                    highlight=False,
+                )
+            elif kind == "step":
+                bar.update(task, completed=event["step"],
+                           status=f"epoch {event['epoch']} loss {event['loss']:.3f} lr {event['lr']:.2e}")  # fmt: skip
+            elif kind == "eval":
+                parts = [f"{src} R@1 {m['R@1']:.2f} mAP {m['mAP']:.2f}" for src, m in event["metrics"].items()]
+                bar.console.print(f"epoch {event['epoch']}: " + "; ".join(parts), highlight=False)
+            elif kind == "info":
+                bar.console.print(event["message"], highlight=False)
+
+        result = train(cfg, resume=resume, progress=on_event if main_proc else None)
+    if du.rank() == 0 and main_proc:
+        console.print(
+            f"done: {result.steps} steps, {result.epochs_done} epochs; last {result.last_checkpoint}, "
+            f"best {result.best_checkpoint}",
+            highlight=False,
+        )
+
+
 # --- report: static HTML page of every model's top-5 per query (issue 8) ---
 @app.command("report")
 def report_cmd(
@@ -311,54 +365,6 @@ def report_cmd(
     if rep.identity_source is None:
         console.print("[yellow]note:[/] the annotation has no identity information; no blue frames drawn")
     console.print(f"report: {rep.path} ({rep.n_thumbnails} thumbnails, {len(rep.plots)} plots in {rep.assets})")
-
-
-# --- pose: OpenPose-style pose maps for CMP (issue 6) ---
-@app.command("pose")
-def pose_cmd(
-    images: Annotated[Path, typer.Option("--images", help="Image folder (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: one map per image, same relative path.")],
-    keypoints: Annotated[
-        Path | None,
-        typer.Option("--keypoints", help="OpenPose *_keypoints.json folder/file or a COCO keypoint annotation file."),
-    ] = None,
-    detector: Annotated[
-        str | None, typer.Option("--detector", help="Detector backend for images without keypoints (keypointrcnn).")
-    ] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local weights file of the detector.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Device for the detector (cpu, cuda).")] = "cpu",
-    stick_width: Annotated[int, typer.Option("--stick-width", help="Limb half-width in pixels.")] = 4,
-    radius: Annotated[int, typer.Option("--radius", help="Joint radius in pixels.")] = 4,
-) -> None:
-    """Render an OpenPose-style skeleton map (COCO-18, standard colours, on black, image size) for every image.
-
-    Images with no person get an all-black map and are listed in OUT/pose_log.json.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from .pose import get_detector, make_pose_maps
-
-    if detector is None and weights is not None:
-        raise TpasInputError("--weights needs --detector NAME")
-    det = get_detector(detector, weights, device=device) if detector is not None else None
-    columns = (TextColumn("pose maps"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("pose", total=None)
-        report = make_pose_maps(
-            images,
-            out,
-            keypoints=keypoints,
-            detector=det,
-            stick_width=stick_width,
-            radius=radius,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    console.print(
-        f"{out}: {report.images} pose maps, {report.with_person} with a person, {len(report.no_person)} all-black "
-        f"(listed in {report.log_path})",
-        highlight=False,
-        soft_wrap=True,
-    )
 
 
 # --- convert: released checkpoints -> layouts tpas loads (issue 4, BLIP-2) ---
@@ -563,33 +569,195 @@ def infer_cmd(
     console.print(line, highlight=False, soft_wrap=True)
 
 
-# --- demo: the post-processing pipeline on synthetic data (issue 2; the demo issue extends it) ---
+# --- ensemble and tune: fuse SimsMatrix files from a YAML config; tune its parameters (issue 3) ---
+_SET_HELP = "Override a config key, e.g. --set fuse.weights=[0.1,0.9,0.9] --set inputs.clip=other.pt (repeatable)."
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Ensemble config (YAML), see configs/ensemble/.")],
+    out: Annotated[Path, typer.Option("--out", help="Fused SimsMatrix file to write.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+) -> None:
+    """Fuse score matrices as a config says (normalise, fuse, post-process) and write one SimsMatrix."""
+    import json as _json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .ensemble.config import load_config
+    from .ensemble.pipeline import run_ensemble
+
+    cfg = load_config(existing_file(config), set_ or [])
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("fusing", total=None)
+        fused, steps = run_ensemble(
+            cfg, progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total)
+        )
+        fused.save(out)
+    table = Table(title=f"ensemble: {config}", show_lines=False)
+    for col in ("step", "what", "seconds"):
+        table.add_column(col)
+    for s in steps:
+        details = {k: v for k, v in s.items() if k not in ("step", "seconds", "params", "transductive")}
+        if "params" in s:
+            details = {"params": s["params"], **details}
+        table.add_row(s["step"], _json.dumps(details, default=str), str(s.get("seconds", "")))
+    console.print(table)
+    q, g = fused.shape
+    line = f"{out}: {q} queries x {g} gallery images (fused)"
+    if fused.meta.get("transductive"):
+        line += "; transductive post-processing used (every test query informed every score; see README)"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Ensemble config (YAML) with an optional `tune` space.")],
+    gt: Annotated[Path, typer.Option("--gt", help="Test annotation with the ground truth (attr.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Tuned config to write (same schema); report and CSV beside.")],
+    metric: Annotated[str, typer.Option(help="Objective: R@1, R@5, R@10, mAP, mINP, or a mix '0.5*R@1+0.5*mAP'.")] = "",
+    search: Annotated[str, typer.Option(help="grid | coordinate | random | optuna")] = "coordinate",
+    trials: Annotated[int, typer.Option(help="Trial budget (coordinate/random/optuna; grid is exhaustive).")] = 200,
+    step: Annotated[float | None, typer.Option(help="Grid step of every weight without its own step.")] = None,
+    folds: Annotated[int, typer.Option(help="K-fold cross-validation over queries (0: none).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same trials and folds.")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+) -> None:
+    """Tune fusion weights (and any other listed parameter) on a labelled split; write the tuned config + report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .data.pab import load_ground_truth
+    from .ensemble.config import load_config
+    from .ensemble.tune import tune, write_outputs
+
+    cfg = load_config(existing_file(config), set_ or [])
+    truth = load_ground_truth(existing_file(gt))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("tuning", total=None, best="-")
+
+        def report(stage: str, done: int, total: int | None, best: float | None) -> None:
+            shown = "-" if best is None else f"{best:.3f}"
+            bar.update(task, description=stage, completed=done, total=total, best=shown)
+
+        result = tune(cfg, truth, metric=metric or None, search=search, trials=trials, step=step, folds=folds,
+                      seed=seed, progress=report)
+    paths = write_outputs(result, cfg, out)
+    console.print(result.summary(), highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+
+
+# --- pose: OpenPose-style pose maps for CMP (issue 6) ---
+@app.command("pose")
+def pose_cmd(
+    images: Annotated[Path, typer.Option("--images", help="Image folder (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one map per image, same relative path.")],
+    keypoints: Annotated[
+        Path | None,
+        typer.Option("--keypoints", help="OpenPose *_keypoints.json folder/file or a COCO keypoint annotation file."),
+    ] = None,
+    detector: Annotated[
+        str | None, typer.Option("--detector", help="Detector backend for images without keypoints (keypointrcnn).")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local weights file of the detector.")] = None,
+    device: Annotated[str, typer.Option("--device", help="Device for the detector (cpu, cuda).")] = "cpu",
+    stick_width: Annotated[int, typer.Option("--stick-width", help="Limb half-width in pixels.")] = 4,
+    radius: Annotated[int, typer.Option("--radius", help="Joint radius in pixels.")] = 4,
+) -> None:
+    """Render an OpenPose-style skeleton map (COCO-18, standard colours, on black, image size) for every image.
+
+    Images with no person get an all-black map and are listed in OUT/pose_log.json.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .pose import get_detector, make_pose_maps
+
+    if detector is None and weights is not None:
+        raise TpasInputError("--weights needs --detector NAME")
+    det = get_detector(detector, weights, device=device) if detector is not None else None
+    columns = (TextColumn("pose maps"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("pose", total=None)
+        report = make_pose_maps(
+            images,
+            out,
+            keypoints=keypoints,
+            detector=det,
+            stick_width=stick_width,
+            radius=radius,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    console.print(
+        f"{out}: {report.images} pose maps, {report.with_person} with a person, {len(report.no_person)} all-black "
+        f"(listed in {report.log_path})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# --- demo: the whole pipeline on a synthetic mini-PAB (issue 8) ---
 @app.command("demo")
 def demo_cmd(
     root: Annotated[
-        Path, typer.Option("--root", help="Folder under which data/demo, sims_score/demo, predictions/demo go.")
+        Path, typer.Option("--root", help="Folder under which data/, checkpoints/, sims_score/, ... demo/ go.")
     ] = Path("."),
-    seed: Annotated[int, typer.Option(help="Random seed of the synthetic split and scores.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the mini-PAB, the training runs and the tuning search.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A much smaller run of the same pipeline (tests).")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Regenerate the data and retrain even if reusable.")] = False,
 ) -> None:
-    """Run evaluate, submit and validate on a synthetic split (CPU, seconds, no downloads)."""
+    """Run the whole pipeline on a synthetic mini-PAB on the CPU: synth, train 2 tiny CMPs, infer, tune, ensemble,
+    evaluate, submit, validate, report. Each step is the `tpas` command it prints."""
+    import shlex
+    import time
+
+    from rich.table import Table
+
     from .demo import run_demo
 
-    with err_console.status("demo") as status:
-        res = run_demo(root, seed=seed, progress=lambda msg: status.update(msg))
-    ev = res.result.evaluation
-    console.print(f"synthetic split: {res.annotation}, {res.query_json}, {res.query_index}", highlight=False)
-    console.print(f"matrices: {res.eval_sims} (annotation ids), {res.submit_sims} (name-masked ids)", highlight=False)
-    console.print(_metrics_table(f"tpas evaluate {res.eval_sims} --gt {res.annotation}", ev.overall, "queries"))
-    for col in ev.by:
-        console.print(_metrics_table(f"by {col}", ev.breakdown(col), col))
-    spread = ", ".join(f"{k} {v:.2f}" for k, v in res.r1_by_ties.items())
-    console.print(f"R@1 under each tie rule: {spread}; the ranking file follows 'stable'",
-                  highlight=False)  # fmt: skip
-    rep = res.result.validation
-    console.print(f"wrote {', '.join(map(str, res.result.written))}; validated: {rep.n_lines} lines x 10 ids, "
-                  f"{'OK' if rep.ok else 'INVALID'}", highlight=False)  # fmt: skip
-    if not rep.ok:
-        raise TpasInputError(str(rep.problems[0]), rep.path)
+    t0 = time.perf_counter()
+
+    def run_command(argv: list[str]) -> None:
+        code = app(args=list(argv), standalone_mode=False)
+        if code not in (None, 0):
+            raise TpasInputError(f"demo step `tpas {argv[0]}` exited with status {code}")
+
+    def progress(i: int, n: int, step: object, reused: bool) -> None:
+        console.rule(f"[{i + 1}/{n}] {step.title}" + (" (reused from the last run)" if reused else ""), style="cyan")
+        if not reused:
+            console.print("$ tpas " + shlex.join(step.argv), highlight=False, soft_wrap=True, style="dim")
+
+    res = run_demo(root, size="quick" if quick else "default", seed=seed, fresh=fresh, run_command=run_command,
+                   progress=progress)  # fmt: skip
+    table = Table(title="demo: test split of the mini-PAB (%)")
+    table.add_column("model")
+    for m in res.table.columns:
+        table.add_column(m, justify="right")
+    for name, row in res.table.iterrows():
+        label = f"{name} (best single)" if name == res.best_single else str(name)
+        style = "bold green" if name == res.ensemble else None
+        table.add_row(label, *(f"{v:.2f}" for v in row), style=style)
+    console.rule("result", style="cyan")
+    console.print(table)
+    gain = res.ensemble_gain
+    console.print(
+        f"ensemble vs best single model ({res.best_single}): "
+        + ", ".join(f"{m} {v:+.2f}" for m, v in gain.items()),
+        highlight=False,
+    )
+    console.print(
+        f"leaderboard file: {res.answer}\nreport: {res.report}\ntuned ensemble: {res.tuned_config}\n"
+        f"matrices: {len(res.sims)} files in {res.sims[0].parent if res.sims else '-'}\n"
+        f"total {time.perf_counter() - t0:.0f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

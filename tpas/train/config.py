@@ -1,0 +1,153 @@
+"""Training configuration: YAML sections with defaults (= the CMP paper's recipe), `--set key=value` overrides.
+
+Unknown keys are errors that name the key and the known ones, so a typo never silently trains with a default.
+Relative paths in the file are relative to the directory `tpas train` runs in (as in the original `run.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import TpasInputError
+
+# The original code's 2x-learning-rate groups ("newly initialised" parts; NOTES_cmp.md): Swin stages 2-3, BERT layers
+# 4, 5, 10, 11, the MLM head, both projections, itm_head, pose_block and pose_conv. Regexes over parameter names.
+PAPER_NEW_PARAM_PATTERNS = [
+    r"^vision_encoder\.layers\.[23]\.",
+    r"^text_encoder\.bert\.encoder\.layer\.(4|5|10|11)\.",
+    r"^text_encoder\.cls\.",
+    r"^vision_proj\.",
+    r"^text_proj\.",
+    r"^itm_head\.",
+    r"^pose_block\.",
+    r"^pose_conv\.",
+]
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "root": "data/PAB",  # PAB root: images at root/<image>, pose maps at root/pose/<image>
+        "train": ["annotation/train"],  # annotation files or folders of attr_*.json / pair_*.json, under root
+        "vocab": "checkpoint/bert-base-uncased/vocab.txt",
+        "pose": True,
+        "num_workers": 4,
+        "max_records": None,  # use only the first N training records (quick experiments)
+    },
+    "model": {"preset": "base"},  # base (cmp.pth architecture) or tiny; any CMPConfig field overrides
+    "init": {
+        "checkpoint": None,  # APTM / X-VLM style checkpoint (vision_encoder.*, text_encoder.* keys)
+        "swin": None,  # or Swin-B weights (swin_base_patch4_window7_224_22k.pth) ...
+        "bert": None,  # ... and bert-base-uncased weights (folder or file)
+    },
+    "augment": {"hflip": 0.5, "randaug_n": 2, "randaug_m": 7, "random_erasing": 0.6, "eda": True, "eda_alpha": 0.1},
+    "masking": {
+        "mask_prob": 0.25,
+        "max_masks": 10,
+        "skipgram_prob": 0.2,
+        "skipgram_size": 3,
+        "whole_word": True,
+        "mask_token_prob": 0.8,
+        "random_token_prob": 0.1,
+    },
+    "loss": {
+        "itc_label_smoothing": 0.2,
+        "eda_weight": 0.8,
+        "eda": True,
+        "ihnm": True,
+        "itm_in_batch_negatives": True,
+        "temp_min": 0.001,
+        "temp_max": 0.5,
+    },
+    "optim": {
+        "lr": 1.0e-4,
+        "lr_end": 1.0e-5,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.999],
+        "eps": 1.0e-8,
+        "lr_mult": 2.0,
+        "new_param_patterns": PAPER_NEW_PARAM_PATTERNS,
+        "warmup_steps": 500,
+        "grad_clip": None,
+    },
+    "train": {
+        "epochs": 30,
+        "batch_size": 22,  # per process
+        "seed": 42,
+        "precision": "fp32",  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+        "grad_checkpointing": False,
+        "device": "auto",
+        "log_every": 50,
+        "save_every_steps": 0,  # also checkpoint every N steps inside an epoch (0: only at epoch ends)
+        "max_steps": None,  # stop (and checkpoint) after this many optimizer steps in total
+    },
+    "eval": {
+        "enabled": True,
+        "annotation": "annotation/test/attr.json",
+        "root": None,  # default: data.root
+        "every_epochs": 1,
+        "batch_size": 64,
+        "rerank_k": 0,  # > 0: also ITM re-rank each query's top-k (the paper's test uses 128)
+        "select_by": "mAP",  # metric that picks checkpoint_best.pth
+    },
+    "output": {"dir": "output/cmp", "tensorboard": True},
+}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str | Path | None) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        name = f"{where}.{key}" if where else key
+        if key not in base and where != "model":
+            known = ", ".join(sorted(base))
+            raise TpasInputError(f"unknown config key {name!r}; expected one of: {known}", source)
+        if isinstance(base.get(key), dict) and key != "model":
+            if not isinstance(value, dict):
+                raise TpasInputError(f"config key {name!r} must be a mapping", source)
+            out[key] = _merge(base[key], value, name, source)
+        elif key == "model" and not where:
+            if not isinstance(value, dict):
+                raise TpasInputError("config key 'model' must be a mapping", source)
+            out[key] = {**base[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in item:
+        raise TpasInputError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise TpasInputError(f"--set {key}: cannot parse value {raw!r} ({e})") from None
+    return [k for k in key.strip().split(".") if k], value
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The full training config: defaults <- YAML file (if any) <- `--set` overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise TpasInputError("training config not found", p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise TpasInputError(f"not valid YAML ({e})", p) from None
+        if not isinstance(data, dict):
+            raise TpasInputError("a training config must be a YAML mapping of sections", p)
+        cfg = _merge(cfg, data, "", p)
+    for item in overrides:
+        keys, value = parse_override(item)
+        if not keys:
+            raise TpasInputError(f"--set expects key=value, got {item!r}")
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        cfg = _merge(cfg, nested, "", f"--set {item}")
+    return cfg

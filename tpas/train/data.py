@@ -1,0 +1,253 @@
+"""Training data for CMP: image + pose map, its identity-based hard negative (image + pose, caption), an EDA view of the
+caption and the MLM targets, with the recipe's augmentation.
+
+Every random choice of a sample (augmentation, EDA, masking) comes from a generator seeded by (seed, epoch, index), so
+a sample is the same whichever worker, rank or resumed run produces it. Augmentation is written with PIL and torch
+only (no compiled torchvision ops): resize, horizontal flip (image and pose map together), RandAugment-style ops
+(geometric ones applied identically to the pose map), random erasing (p 0.6) on the image.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from ..data.pab import TestRecord, TrainRecord
+from ..errors import TpasInputError
+from .masking import MaskingConfig, mask_tokens
+from .text_aug import eda
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Image/text augmentation of the training set (defaults = the CMP recipe)."""
+
+    hflip: float = 0.5
+    randaug_n: int = 2  # ops drawn per image
+    randaug_m: int = 7  # magnitude 0..10
+    random_erasing: float = 0.6
+    eda: bool = True
+    eda_alpha: float = 0.1
+
+
+def load_rgb(path: Path, where: str = "") -> Image.Image:
+    """Open an image file as RGB; TpasInputError naming the file (and record) when it is missing or unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise TpasInputError("image file not found", path, where or None) from None
+    except OSError as e:
+        raise TpasInputError(f"cannot read image ({e})", path, where or None) from None
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL RGB -> normalised float tensor [3, H, W]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+
+
+class TrainTransform:
+    """Resize, flip, RandAugment-style ops, normalise, random erasing; pose maps follow every geometric change."""
+
+    COLOUR_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "contrast")
+    GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], cfg: AugmentConfig) -> None:
+        self.size, self.mean, self.std, self.cfg = size, tuple(mean), tuple(std), cfg
+
+    def _geometric(self, img: Image.Image, op: str, v: float, fill: tuple[int, int, int]) -> Image.Image:
+        s = self.size
+        if op == "shear_x":
+            return img.transform(img.size, Image.AFFINE, (1, v * 0.3, 0, 0, 1, 0), Image.BILINEAR, fillcolor=fill)
+        if op == "shear_y":
+            return img.transform(img.size, Image.AFFINE, (1, 0, 0, v * 0.3, 1, 0), Image.BILINEAR, fillcolor=fill)
+        if op == "translate_x":
+            return img.transform(img.size, Image.AFFINE, (1, 0, v * 0.3 * s, 0, 1, 0), fillcolor=fill)
+        if op == "translate_y":
+            return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * 0.3 * s), fillcolor=fill)
+        return img.rotate(v * 30.0, resample=Image.BILINEAR, fillcolor=fill)
+
+    @staticmethod
+    def _colour(img: Image.Image, op: str, v: float) -> Image.Image:
+        if op == "autocontrast":
+            return ImageOps.autocontrast(img)
+        if op == "equalize":
+            return ImageOps.equalize(img)
+        if op == "brightness":
+            return ImageEnhance.Brightness(img).enhance(1 + 0.9 * v)
+        if op == "sharpness":
+            return ImageEnhance.Sharpness(img).enhance(1 + 0.9 * v)
+        if op == "contrast":
+            return ImageEnhance.Contrast(img).enhance(1 + 0.9 * v)
+        return img
+
+    def _erase(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """Random erasing (scale 0.02-0.33 of the area, aspect 0.3-3.3, value 0), as torchvision's defaults."""
+        _, h, w = x.shape
+        for _ in range(10):
+            area = h * w * rng.uniform(0.02, 0.33)
+            ratio = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+            eh, ew = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+            if eh < h and ew < w:
+                top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
+                x[:, top : top + eh, left : left + ew] = 0
+                return x
+        return x
+
+    def __call__(
+        self, image: Image.Image, pose: Image.Image | None, rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment one image (and its pose map with the same geometry) -> normalised tensors [3, S, S]."""
+        s = self.size
+        image = image.resize((s, s), Image.BICUBIC)
+        pose = None if pose is None else pose.resize((s, s), Image.BICUBIC)
+        if rng.random() < self.cfg.hflip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            pose = None if pose is None else pose.transpose(Image.FLIP_LEFT_RIGHT)
+        ops = self.COLOUR_OPS + self.GEOMETRIC_OPS
+        for _ in range(self.cfg.randaug_n):
+            op = ops[rng.randrange(len(ops))]
+            if rng.random() >= 0.5:  # each drawn op is applied with probability 0.5 (RandomAugment of ALBEF/APTM)
+                continue
+            v = self.cfg.randaug_m / 10.0 * (1 if rng.random() < 0.5 else -1)
+            if op in self.GEOMETRIC_OPS:
+                image = self._geometric(image, op, v, (128, 128, 128))
+                pose = None if pose is None else self._geometric(pose, op, v, (0, 0, 0))
+            else:
+                image = self._colour(image, op, v)
+        x = to_tensor(image, self.mean, self.std)
+        if rng.random() < self.cfg.random_erasing:
+            x = self._erase(x, rng)
+        return x, None if pose is None else to_tensor(pose, self.mean, self.std)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator of one sample: a function of (seed, epoch, index) only (str seeds hash with sha512, stable)."""
+    return random.Random(f"tpas-train:{seed}:{epoch}:{index}")
+
+
+class CMPTrainDataset(torch.utils.data.Dataset):
+    """PAB training records -> dicts of tensors (see the module docstring); `set_epoch` changes the random draws.
+
+    `root` is the PAB root: images at `root/<image>`, hard negatives at `root/train/<hard_i>`, pose maps at
+    `root/pose/<image>` and `root/pose/train/<hard_i>`.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[TrainRecord],
+        root: str | Path,
+        tokenizer: Any,
+        transform: TrainTransform,
+        *,
+        pose: bool,
+        masking: MaskingConfig,
+        seed: int = 0,
+        ihnm: bool = True,
+    ) -> None:
+        if not records:
+            raise TpasInputError("no training records", root)
+        self.records = list(records)
+        self.root = Path(root)
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.pose = pose
+        self.masking = masking
+        self.seed = seed
+        self.ihnm = ihnm
+        self.epoch = 0
+        # Identity-aware ITC targets compare integer ids: one per distinct image_id (hard_i_ids included).
+        ids = sorted({r.image_id for r in self.records} | {r.hard_i_id for r in self.records if r.hard_i_id})
+        self.id_index = {x: i for i, x in enumerate(ids)}
+        specials = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id]
+        unk = getattr(getattr(tokenizer, "_tok", None), "unk_token_id", None)
+        self.special_ids = [s for s in [*specials, unk] if s is not None]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the random draws of `epoch` (augmentation, EDA, masking)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image_pair(self, rel: Path, where: str, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = load_rgb(self.root / rel, where)
+        pose = load_rgb(self.root / "pose" / rel, where) if self.pose else None
+        return self.transform(image, pose, rng)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        r = self.records[index]
+        where = f"record {index} (image_id {r.image_id})"
+        rng = sample_rng(self.seed, self.epoch, index)
+        image, pose = self._image_pair(Path(r.image), where, rng)
+        has_hard = self.ihnm and bool(r.hard_i) and bool(r.hard_c)
+        if has_hard:
+            hard_image, hard_pose = self._image_pair(Path("train") / str(r.hard_i), where + " hard_i", rng)
+            hard_caption = str(r.hard_c)
+        else:
+            hard_image, hard_pose = torch.zeros_like(image), None if pose is None else torch.zeros_like(pose)
+            hard_caption = r.caption
+        eda_caption = eda(r.caption, rng, self.transform.cfg.eda_alpha) if self.transform.cfg.eda else r.caption
+        try:
+            tok = self.tokenizer([r.caption, hard_caption, eda_caption])
+        except ValueError as e:
+            raise TpasInputError(f"caption cannot be used ({e})", None, where) from None
+        ids, att = tok["input_ids"], tok["attention_mask"]
+        masked = mask_tokens(
+            ids[0],
+            att[0],
+            self.tokenizer.convert_ids_to_tokens(ids[0].tolist()),
+            rng,
+            self.masking,
+            mask_token_id=self.tokenizer.mask_token_id,
+            special_ids=self.special_ids,
+            vocab_size=self.tokenizer.vocab_size,
+        )
+        out = {
+            "image": image,
+            "hard_image": hard_image,
+            "text_ids": ids[0],
+            "text_mask": att[0],
+            "hard_ids": ids[1],
+            "hard_mask": att[1],
+            "eda_ids": ids[2],
+            "eda_mask": att[2],
+            "mlm_ids": masked.input_ids,
+            "mlm_pos": masked.masked_pos,
+            "mlm_labels": masked.masked_ids,
+            "idx": torch.tensor(self.id_index[r.image_id], dtype=torch.long),
+            "hard_idx": torch.tensor(self.id_index.get(r.hard_i_id or "", -1), dtype=torch.long),
+            "has_hard": torch.tensor(has_hard),
+        }
+        if pose is not None:
+            out["pose"] = pose
+            out["hard_pose"] = hard_pose  # type: ignore[assignment]
+        return out
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Images (and pose maps) of an evaluation annotation with the model's test-time preprocessing."""
+
+    def __init__(self, records: Sequence[TestRecord], root: str | Path, preprocess: Any, pose: bool) -> None:
+        self.records = list(records)
+        self.root = Path(root)
+        self.preprocess = preprocess
+        self.pose = pose
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        r = self.records[index]
+        where = f"record {index} (image_id {r.image_id})"
+        image = load_rgb(self.root / r.image, where)
+        pose = load_rgb(self.root / "pose" / r.image, where) if self.pose else None
+        return self.preprocess(image, pose)
