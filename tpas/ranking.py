@@ -150,14 +150,17 @@ def _chunk_ranks(s: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, ties:
         return rank
     # Stable: irrelevant columns with the same score *and a lower column index* also come first. Only cells whose
     # score ties with an irrelevant column need this, so compute it for those rows alone.
-    tied = ((equal - rel_equal) > 0).nonzero().tolist()
-    if tied:
-        # |d| is 0 exactly at tied cells, so the tied cells left of column j number j - sum(|d|[:j]). A slice sum per
-        # tied cell reads only that row, which beats building [rows, m, G] column masks when many rows tie (fp16).
-        before = torch.tensor([cj - float(d[r, k, :cj].sum()) for r, k in tied for cj in (int(cols[r, k]),)])
-        rr, kk = torch.tensor(tied).T
-        rel_tied_before = ((ti == tj) & (ci < cj) & vi).sum(2)[rr, kk]
-        rank[rr, kk] += before.round().long() - rel_tied_before
+    rows = ((equal - rel_equal) > 0).any(1).nonzero().flatten()
+    if len(rows):
+        # |d| is 0 exactly at the cells tied with relevant j, so the tied cells left of column j number
+        # j - (nonzero cells before j): one running sum (cumsum) per tied row instead of column masks.
+        dr = d if len(rows) == d.shape[0] else d[rows]
+        cr = cols[rows]
+        running = dr.cumsum(2)
+        nonzero_before = running.gather(2, (cr - 1).clamp(min=0).unsqueeze(2)).squeeze(2)
+        tied_before = cr - torch.where(cr > 0, nonzero_before, 0.0).round().long()
+        rel_tied_before = ((ti[rows] == tj[rows]) & (ci[rows] < cj[rows]) & vi[rows]).sum(2)
+        rank[rows] += tied_before - rel_tied_before
     return rank
 
 
