@@ -268,6 +268,13 @@ def test_ground_truth_ids_relevant_and_frame(tmp_path):
     assert gt.identity_groups() == {"p0": ["0"], "p1": ["1"]}
 
 
+def test_ground_truth_missing_attribute_is_empty_string(tmp_path):
+    recs = [TEST_RECORDS[0], {"image": "test/9.jpg", "image_id": "p9", "caption": ["c"]}]
+    gt = load_ground_truth(write(tmp_path / "attr.json", json.dumps(recs)))
+    assert list(gt.frame["scene"]) == ["street", "street", ""]
+    assert list(gt.frame["behaviour"]) == ["anomaly", "anomaly", ""]
+
+
 def test_ground_truth_repeated_image_id_is_an_error(tmp_path):
     recs = [TEST_RECORDS[0], dict(TEST_RECORDS[1], image_id="p0")]
     with raises("record 1 \\(0-based\\): query id 'p0:0' repeats record 0"):

@@ -505,7 +505,8 @@ def ground_truth_from_records(records: Sequence[TestRecord], path: str | Path | 
             )
     if not rows:
         raise TpasInputError("holds no captions", path)
-    frame = pd.DataFrame(rows, index=pd.Index(qids, name="query_id"))
+    # Records without an attribute get "" (not NaN), so breakdowns keep them as their own group.
+    frame = pd.DataFrame(rows, index=pd.Index(qids, name="query_id")).fillna("")
     return GroundTruth(
         query_ids=qids,
         relevant=dict(zip(qids, frame["gallery_id"], strict=True)),
