@@ -186,6 +186,12 @@ def test_preprocess_and_tokenizer_are_open_clips(files: SimpleNamespace) -> None
     assert int(ids[1, -1]) == 49407  # truncated: EOT kept in the last slot
     d = model.describe()
     assert d["preprocess"]["image_size"] == 32 and d["tokenizer"]["context_length"] == 77
+    # Workers get a small picklable transform, never the weights (spawn-based platforms pickle it).
+    import pickle
+
+    blob = pickle.dumps(model.image_preprocessor)
+    assert len(blob) < 20_000
+    assert torch.equal(pickle.loads(blob)(rgba)["pixels"], tf(rgba))
 
 
 def test_full_size_openai_layout_resolves_to_vit_l14_336_quickgelu() -> None:

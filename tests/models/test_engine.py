@@ -408,6 +408,36 @@ def test_cli_rerank_with_a_registered_family(tiny_gallery: TinyGallery, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
+class GlobalToy(ToyMatchModel):
+    """A final combination that normalises over the whole matrix (as CMP's does): shards must not apply it alone."""
+
+    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+        return (reranked - reranked.min()) / (reranked.max() - reranked.min()) + 0.01 * itc
+
+
+# One torchrun launch covers both: the real CLI (`tpas infer clip`) and a re-ranking model with a global final step.
+# The script owns the process group: infer() then joins it instead of creating (and at the end destroying) its own,
+# which is how a program that calls infer() more than once under torchrun must do it.
+_DIST_SCRIPT = """
+import sys
+import torch.distributed as dist
+from tests.models.test_engine import GlobalToy
+from tpas.cli import main
+from tpas.models.engine import infer
+
+images, queries, out_dir, ckpt = sys.argv[1:5]
+dist.init_process_group("gloo")
+try:
+    main(["infer", "clip", "--images", images, "--queries", queries, "--checkpoint", ckpt, "--batch-size", "2",
+          "--workers", "0", "--device", "cpu", "--out", out_dir + "/dist.pt", "--cache-dir", out_dir + "/cache"])
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+infer(GlobalToy(), images, queries, out_dir + "/toy_dist.pt", rerank_k=3, batch_size=2, num_workers=0,
+      device="cpu", use_cache=False)
+dist.destroy_process_group()
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_single_process(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
                                                  tmp_path: Path) -> None:  # fmt: skip
@@ -419,16 +449,23 @@ def test_torchrun_two_ranks_equal_single_process(tiny_gallery: TinyGallery, tiny
     single = tmp_path / "single.pt"
     r = CliRunner().invoke(app, [*args, "--out", str(single), "--no-cache"])
     assert r.exit_code == 0, r.output
-    dist = tmp_path / "dist.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    toy_single = infer(GlobalToy(), tiny_gallery.images, tiny_gallery.queries, tmp_path / "toy.pt", rerank_k=3,
+                       batch_size=2, num_workers=0, use_cache=False)  # fmt: skip
+    script = tmp_path / "dist_run.py"
+    script.write_text(_DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tpas", *args, "--out", str(dist),
-         "--cache-dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, cwd=REPO, timeout=240, env=env,
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tiny_gallery.images),
+         str(tiny_gallery.queries), str(tmp_path), str(tiny_clip_checkpoint)],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    a, b = SimsMatrix.load(single), SimsMatrix.load(dist)
+    a, b = SimsMatrix.load(single), SimsMatrix.load(tmp_path / "dist.pt")
     assert b.meta["world_size"] == 2
     assert a.query_ids == b.query_ids and a.gallery_ids == b.gallery_ids
     assert torch.equal(a.scores, b.scores)
     assert run.stdout.count("5 queries x 8 gallery") == 1  # rank 0 alone reports
+    toy_dist = SimsMatrix.load(tmp_path / "toy_dist.pt")
+    torch.testing.assert_close(toy_dist.scores, toy_single.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(SimsMatrix.load(tmp_path / "toy_dist.itc.pt").scores,
+                               SimsMatrix.load(tmp_path / "toy.itc.pt").scores, atol=0, rtol=0)  # fmt: skip

@@ -57,6 +57,12 @@ class RetrievalModel(torch.nn.Module):
         """
         raise NotImplementedError
 
+    @property
+    def image_preprocessor(self) -> Callable[[Image.Image, Image.Image | None], Features]:
+        """What DataLoader workers call per image: `preprocess` by default. Families override it with a standalone
+        picklable object, so workers started by spawn (macOS, Windows) never pickle the model's weights."""
+        return self.preprocess
+
     def tokenize(self, texts: Sequence[str]) -> Features:
         """Clean and tokenize captions exactly as the reference does; returns batched tensors [N, ...]."""
         raise NotImplementedError

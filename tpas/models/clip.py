@@ -300,6 +300,16 @@ def _registered_name(geometry: dict[str, Any], quick_gelu: bool) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- the family
+class ClipPreprocess:
+    """open_clip eval transform as a small picklable callable: PIL image -> {"pixels": [3, S, S]}."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
+        return {"pixels": self.transform(image)}
+
+
 @register("clip")
 class ClipModel(RetrievalModel):
     """An open_clip CLIP with OpenAI's test-time preprocessing and tokenizer; features L2-normalised, sims = cosine."""
@@ -388,9 +398,14 @@ class ClipModel(RetrievalModel):
             "features": "L2-normalised; similarity = text @ image.T",
         }
 
+    @property
+    def image_preprocessor(self) -> ClipPreprocess:
+        """The picklable transform that DataLoader workers run (no weights inside)."""
+        return ClipPreprocess(self.transform)
+
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
         """open_clip's eval transform (resize shorter side, center crop, to RGB after resizing, mean/std)."""
-        return {"pixels": self.transform(image)}
+        return ClipPreprocess(self.transform)(image, pose)
 
     def tokenize(self, texts: Sequence[str]) -> Features:
         """open_clip tokenizer: SOT + BPE + EOT, truncated to the context length with EOT kept last."""

@@ -109,7 +109,11 @@ def model_fingerprint(model: RetrievalModel, cache_root: Path | None) -> str:
 
 
 class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1); a no-op single process otherwise."""
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1); a no-op single process otherwise.
+
+    An existing process group is joined and left alone; otherwise one is created for this run and destroyed at its
+    end (so a program calling `infer` several times under torchrun should create the group itself, once).
+    """
 
     def __init__(self, want_cuda: bool):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -348,7 +352,7 @@ def infer(
         itc_good = _similarity(model, text["embed"], image_embed, dev)
         itc = _fill_columns(itc_good, good, len(gallery))
 
-        final = None
+        reranked = None
         if rerank_k is not None:
             first = itc if cand is None else cand[q_rows.start : q_rows.stop]
             masked = first.clone()
@@ -357,11 +361,13 @@ def infer(
             reranked = _rerank(
                 model, store, keys, text, masked, min(rerank_k, len(good)), dev, autocast, batch_size, progress
             )
-            final = model.finalize_rerank(reranked, itc)
 
-        parts = dist.all_gather((itc, final))
+        parts = dist.all_gather((itc, reranked))
         itc_all = torch.cat([p[0] for p in parts])
-        final_all = torch.cat([p[1] for p in parts]) if rerank_k is not None else None
+        final_all = None
+        if rerank_k is not None:
+            # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
+            final_all = model.finalize_rerank(torch.cat([p[1] for p in parts]), itc_all).float().cpu()
 
         meta: dict[str, Any] = {
             "family": model.family,
@@ -447,7 +453,9 @@ def _encode_gallery(
     if not todo:
         return {}
     dataset = GalleryDataset(
-        [gallery[i].path for i in todo], model.preprocess, [poses[i] for i in todo] if poses is not None else None
+        [gallery[i].path for i in todo],
+        model.image_preprocessor,
+        [poses[i] for i in todo] if poses is not None else None,
     )
     loader = gallery_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
     bad: dict[int, str] = {}
