@@ -363,6 +363,17 @@ def test_rerank_skips_bad_images_and_reads_states_from_disk(tiny_gallery: TinyGa
     first[:, col] = float("-inf")
     torch.testing.assert_close(sims.scores, _expected_rerank(itc, tiny_gallery.captions, 7, first=first), atol=1e-6,
                                rtol=0)  # fmt: skip
+    # Top-2 candidates that include the unreadable image: it is never matched; the next column fills in.
+    cand = itc.clone()
+    cand[:, col] = 10.0
+    SimsMatrix(sims.query_ids, sims.gallery_ids, scores=cand).top_k(2).save(tmp_path / "cand.pt")
+    with_bad = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "c.pt", rerank_k=2, batch_size=3,
+                     num_workers=0, use_cache=False, skip_bad_images=True, candidates=tmp_path / "cand.pt")  # fmt: skip
+    kept = SimsMatrix(sims.query_ids, sims.gallery_ids, scores=cand).top_k(2).to_dense(fill=float("-inf"))
+    kept = kept.nan_to_num(neginf=torch.finfo(torch.float32).min)
+    kept[:, col] = float("-inf")
+    torch.testing.assert_close(with_bad.scores, _expected_rerank(itc, tiny_gallery.captions, 2, first=kept),
+                               atol=1e-6, rtol=0)  # fmt: skip
 
 
 def test_match_states_are_stored_only_by_reranking_runs(tiny_gallery: TinyGallery, tmp_path: Path) -> None:

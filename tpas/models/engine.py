@@ -355,7 +355,9 @@ def infer(
         reranked = None
         if rerank_k is not None:
             first = itc if cand is None else cand[q_rows.start : q_rows.stop]
-            masked = first.clone()
+            # Cells a top-K candidates matrix lacks rank below its kept cells but stay eligible (if skipped images
+            # leave a row short of k candidates); skipped images themselves can never be chosen (k <= readable).
+            masked = first.nan_to_num(neginf=torch.finfo(torch.float32).min)
             if bad_all:
                 masked[:, sorted(bad_all)] = float("-inf")
             reranked = _rerank(
