@@ -43,13 +43,13 @@ def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    # The constrained layout keeps titles, tick labels, colour bars and figure legends ("outside" ones too) apart.
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig, out: str | Path) -> Path:
-    fig.tight_layout()
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
 
 
@@ -89,18 +89,21 @@ def plot_breakdown(
 ) -> Path:
     """Grouped bars, one panel per metric: `panels` maps a metric name to a groups x models table of values (%).
 
-    Groups are e.g. normal/anomaly or the scenes; `counts` (queries per group) is added to the group labels.
+    Groups are e.g. normal/anomaly or the scenes; `counts` (queries per group) is added to the group labels. Panels sit
+    side by side while they fit a page width and stack otherwise; one legend (the models) serves them all.
     """
     n_panels = len(panels)
     first = next(iter(panels.values()))
     n_groups, n_models = first.shape
     groups = [str(g) if counts is None else f"{g}\n(n={int(counts[g])})" for g in first.index]
-    panel_w = max(4.0, 0.35 * n_groups * max(1, n_models) + 1.5)
-    fig = _figure(panel_w * n_panels, 3.6)
+    panel_w = min(9.0, max(3.5, 0.3 * n_groups * max(1, n_models) + 1.5))
+    side_by_side = panel_w * n_panels <= 9.0
+    rows, cols = (1, n_panels) if side_by_side else (n_panels, 1)
+    fig = _figure(panel_w * cols, 3.0 * rows + 0.5)
     width = 0.8 / max(1, n_models)
     x = np.arange(n_groups)
     for p, (metric, values) in enumerate(panels.items()):
-        ax = fig.add_subplot(1, n_panels, p + 1)
+        ax = fig.add_subplot(rows, cols, p + 1)
         for i, model in enumerate(values.columns):
             ax.bar(
                 x + (i - (n_models - 1) / 2) * width,
@@ -109,15 +112,14 @@ def plot_breakdown(
                 color=_COLOURS[i % len(_COLOURS)],
                 label=str(model),
             )
-        rotate = n_groups > 5
         ax.set_xticks(x)
-        ax.set_xticklabels(groups, fontsize=8, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+        ax.set_xticklabels(groups, fontsize=8)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{metric} by {title}")
+        ax.set_title(f"{metric} by {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        if p == 0:
-            ax.legend(fontsize=7)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(n_models, 5), fontsize=8, frameon=False)
     return _save(fig, out)
 
 

@@ -474,7 +474,7 @@ table.metrics{border-collapse:collapse;font-size:.9em}table.metrics td,table.met
 padding:3px 8px;text-align:right}table.metrics th:first-child{text-align:left}td.best{font-weight:bold;
 background:#e8f5e9}
 .plots{display:flex;flex-wrap:wrap;gap:10px}.plots figure{margin:0;background:#fff;border:1px solid #ddd;padding:4px}
-img.plot{max-width:560px;max-height:260px}figcaption{font-size:.8em;color:#555;text-align:center}
+img.plot{max-width:640px;max-height:380px}figcaption{font-size:.8em;color:#555;text-align:center}
 .legend span{display:inline-block;padding:1px 8px;margin-right:8px;border:4px solid}
 .filters{position:sticky;top:0;background:#fafafa;padding:8px 0;border-bottom:1px solid #ddd;z-index:2}
 .filters label{margin-right:14px}
