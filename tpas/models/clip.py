@@ -199,6 +199,11 @@ def _resolve_config(
         raise TpasInputError(
             f"unknown clip config key(s) {', '.join(sorted(unknown))}; expected arch, model_cfg, preprocess"
         )
+    bad_pre = set(config.get("preprocess") or {}) - set(_PRE_KEYS)
+    if bad_pre:
+        raise TpasInputError(
+            f"unknown clip preprocess key(s) {', '.join(sorted(bad_pre))}; expected {', '.join(_PRE_KEYS)}"
+        )
     if arch and config.get("arch") and arch != config["arch"]:
         raise TpasInputError(f"--arch {arch} disagrees with the config's arch {config['arch']}")
     arch = arch or config.get("arch")
@@ -258,7 +263,7 @@ def _resolve_config(
         if diffs:
             raise TpasInputError(
                 f"the checkpoint does not fit {name}: {'; '.join(diffs)} (tpas refuses to interpolate or truncate "
-                "weights; drop --arch to build from the checkpoint)",
+                "weights; without --arch/--config the architecture is read from the checkpoint)",
                 info["file"],
             )
     res = info["meta"].get("input_resolution")
