@@ -121,12 +121,13 @@ class CMPPreprocess:
 
 class CMP(RetrievalModel):
     """The CMP model (see the module docstring for the training API). Build with `CMP(CMPConfig())` or
-    `CMP.from_checkpoint(path)`; `tokenizer` is set by `from_checkpoint` or `set_tokenizer(vocab_path)`."""
+    `CMP.from_checkpoint(path)`; `tokenizer` is set by `from_checkpoint` or `set_tokenizer(vocab_path)`.
+    `init=False` skips the random initialisation (for callers that load every tensor right after)."""
 
     has_match_head = True
     options = frozenset({"vocab", "trust_checkpoint"})
 
-    def __init__(self, config: CMPConfig | None = None) -> None:
+    def __init__(self, config: CMPConfig | None = None, *, init: bool = True) -> None:
         super().__init__()
         cfg = config or CMPConfig()
         self.config = cfg
@@ -154,7 +155,9 @@ class CMP(RetrievalModel):
         self.tokenizer: CMPTokenizer | None = None
         self.checkpoint_sha256: str | None = None
         self._preprocess = CMPPreprocess(cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
-        self.init_weights()
+        if init:
+            # Skipped when a strict load overwrites every tensor anyway (17 s of truncated-normal draws at full size).
+            self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -293,7 +296,7 @@ class CMP(RetrievalModel):
                 )
                 raise TpasInputError(f"the config disagrees with the checkpoint ({detail})", path)
             cfg = given
-        model = cls(cfg)
+        model = cls(cfg, init=False)
         model.load_cmp_state_dict(state, path)
         model.set_tokenizer(find_vocab(options.get("vocab"), path))
         model.checkpoint_sha256 = sha256_file(path)
