@@ -67,6 +67,11 @@ class CMPConfig:
     image_std: tuple[float, float, float] = field(default=CLIP_STD)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                # Lists from YAML/kwargs become tuples so configs compare (and hash) by value.
+                object.__setattr__(self, f.name, tuple(v))
         if len(self.swin_depths) != len(self.swin_heads):
             raise ValueError(f"swin_depths {self.swin_depths} and swin_heads {self.swin_heads} differ in length")
         if self.image_size % (self.patch_size * 2 ** (len(self.swin_depths) - 1)):
