@@ -299,6 +299,15 @@ def test_tokenizer_non_ascii_keeps_case_and_maps_unknown_to_3(sp_and_tok):
     assert tok.encode("A person") != tok.encode("a person")
 
 
+def test_worker_preprocessor_pickles_small_and_matches_preprocess(model):
+    import pickle
+
+    blob = pickle.dumps(model.image_preprocessor)
+    assert len(blob) < 2000  # the transform only, never the weights
+    image = Image.new("RGB", (30, 70), (200, 10, 90))
+    assert torch.equal(pickle.loads(blob)(image)["image"], model.preprocess(image)["image"])
+
+
 def test_tokenizer_pickles(sp_and_tok):
     import pickle
 
@@ -452,7 +461,7 @@ def test_cli_infer_beit3_writes_the_same_matrix_as_the_library(tiny, gallery, mo
     images, queries, captions = gallery
     out = tmp_path / "sims" / "beit3.pt"
     args = ["infer", "beit3", "--images", str(images), "--queries", str(queries), "--checkpoint", str(ckpt)]
-    args += ["--tokenizer", str(spm), "--out", str(out), "--workers", "0", "--batch-size", "3"]
+    args += ["--tokenizer", str(spm), "--out", str(out), "--workers", "1", "--batch-size", "3"]
     code, output = run_cli(capsys, *args, "--cache-dir", tmp_path / "cache")
     assert code == 0, output
     sims = SimsMatrix.load(out)

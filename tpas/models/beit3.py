@@ -263,6 +263,16 @@ class BEiT3ImageTransform:
         return x.sub(mean).div(std)
 
 
+@dataclass(frozen=True)
+class BEiT3Preprocess:
+    """Per-image work for DataLoader workers: `{"image": transform(image)}`; small and picklable (no weights)."""
+
+    transform: BEiT3ImageTransform
+
+    def __call__(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
+        return {"image": self.transform(image)}
+
+
 def infer_config(state: Mapping[str, torch.Tensor], path: Path | None = None) -> BEiT3Config:
     """The architecture a BEiT3ForRetrieval state dict determines (shapes only; works on meta tensors).
 
@@ -427,6 +437,7 @@ class BEiT3Retrieval(RetrievalModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.tokenizer = tokenizer
         self.image_transform = BEiT3ImageTransform(config.img_size)
+        self._preprocess = BEiT3Preprocess(self.image_transform)
 
     @classmethod
     def from_checkpoint(
@@ -509,7 +520,12 @@ class BEiT3Retrieval(RetrievalModel):
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
         """{"image": [3, S, S]} exactly as the reference's test transform."""
-        return {"image": self.image_transform(image)}
+        return self._preprocess(image)
+
+    @property
+    def image_preprocessor(self) -> BEiT3Preprocess:
+        """`preprocess` as a standalone picklable object, so spawned DataLoader workers never copy the weights."""
+        return self._preprocess
 
     def tokenize(self, texts: Sequence[str]) -> Features:
         """{"input_ids", "padding_mask"} [N, 64]; captions are not cleaned (the reference does not clean them)."""
