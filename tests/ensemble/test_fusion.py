@@ -156,3 +156,24 @@ def test_bad_fusion_specs(spec, match):
     m = _mats({"a": [[0.0, 1.0]], "b": [[1.0, 0.0]]})
     with pytest.raises(TpasInputError, match=match):
         fuse(m, spec)
+
+
+@pytest.mark.parametrize("norm", [("min-max", "query"), ("zmuv", "query"), ("min-max", "global")])
+def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm):
+    from tpas.ensemble import fusion
+    from tpas.ensemble.normalize import normalize
+
+    gen = torch.Generator().manual_seed(4)
+    q, g = 11, 30
+    a = SimsMatrix(ids("q", q), ids("g", g), scores=torch.randn(q, g, generator=gen))
+    b = SimsMatrix(ids("q", q), ids("g", g), scores=torch.randn(q, g, generator=gen))
+    t = b.top_k(4)
+    spec = FuseSpec("iterative", ["a", "t", "b"], [0.3, 0.6])
+    whole = fuse({"a": a, "t": t, "b": b}, spec, norm).scores
+    monkeypatch.setattr(fusion, "BLOCK_BYTES", 4 * g * 2)  # 2 rows per block
+    monkeypatch.setenv("TPAS_THREADS", "3")
+    split = fuse({"a": a, "t": t, "b": b}, spec, norm).scores
+    assert torch.equal(whole, split)
+    na, nb = normalize(a.scores, *norm), normalize(b.scores, *norm)
+    nt = normalize(t.to_dense("row-min"), *norm)
+    assert torch.allclose(split, 0.6 * (0.3 * na + 0.7 * nt) + 0.4 * nb, atol=1e-5)

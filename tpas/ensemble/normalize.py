@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TpasInputError
+from .parallel import map_row_ranges
 
 SCOPES = ("global", "query")
 NORMALIZERS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -78,16 +79,19 @@ def affine_params(x: torch.Tensor, method: str, scope: str) -> AffineParams | No
         z = torch.zeros((), dtype=x.dtype)
         return AffineParams(z, torch.ones((), dtype=x.dtype))
     if method == "min-max":
+        # Per row range in parallel; min and max are exact whatever the split.
+        parts = map_row_ranges(lambda lo, hi: torch.aminmax(x[lo:hi], dim=1, keepdim=True), x.shape[0])
+        mn = torch.cat([p[0] for p in parts])
+        mx = torch.cat([p[1] for p in parts])
         if scope == "global":
-            mn, mx = torch.aminmax(x)
-        else:
-            mn, mx = torch.aminmax(x, dim=1, keepdim=True)
+            mn, mx = mn.min(), mx.max()
         return minmax_params_from_stats(mn, mx)
     if method == "zmuv":
         if scope == "global":
             std, mean = torch.std_mean(x.double(), correction=0) if x.numel() < 2**24 else _std_mean_chunked(x)
             return zmuv_params_from_stats(mean.to(x.dtype), std.to(x.dtype))
-        std, mean = torch.std_mean(x, dim=1, keepdim=True, correction=0)
+        parts = map_row_ranges(lambda lo, hi: torch.std_mean(x[lo:hi], dim=1, keepdim=True, correction=0), x.shape[0])
+        std, mean = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return zmuv_params_from_stats(mean, std)
     return None
 

@@ -11,6 +11,7 @@ import torch
 
 from ..ranking import topk_stable
 from ..sims import SimsMatrix
+from .parallel import map_row_ranges
 
 
 def scores_of(m: SimsMatrix) -> torch.Tensor:
@@ -61,4 +62,5 @@ def _strictly_decreasing(vals: torch.Tensor) -> torch.Tensor:
 
 def top_candidates(scores: torch.Tensor, depth: int) -> torch.Tensor:
     """Each row's top-`depth` columns under the stable tie rule, best first."""
-    return topk_stable(scores, min(depth, scores.shape[1]))
+    d = min(depth, scores.shape[1])
+    return torch.cat(map_row_ranges(lambda lo, hi: topk_stable(scores[lo:hi], d), scores.shape[0]))

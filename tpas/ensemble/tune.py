@@ -36,6 +36,7 @@ from ..scoring.metrics import aggregate, per_query_metrics
 from ..sims import atomic_write
 from .config import EnsembleConfig, build_config, dump_config, get_key, set_key
 from .fusion import Prepared, block_rows, fuse_prepared, fuse_rows, prepare
+from .parallel import map_row_ranges
 from .pipeline import apply_post, load_inputs
 
 SEARCHES = ("grid", "coordinate", "random", "optuna")
@@ -221,14 +222,18 @@ class Evaluator:
         # Fuse a block of rows, rank its ground-truth cells, drop the block: no [Q, G] allocation per trial.
         q, g = prepared[0].shape
         step = block_rows(g)
-        buf = torch.empty(step, g, dtype=torch.float32)
         full = torch.zeros(q, dtype=torch.long)
         gt_col = torch.zeros(q, dtype=torch.long)
         gt_col[self.rows] = self.cols
-        for start in range(0, q, step):
-            stop = min(q, start + step)
-            block = fuse_rows(prepared, cfg.fuse, start, stop, buf[: stop - start])
-            full[start:stop] = gt_ranks(block, gt_col[start:stop])
+
+        def run(lo: int, hi: int) -> None:
+            buf = torch.empty(step, g, dtype=torch.float32)
+            for start in range(lo, hi, step):
+                stop = min(hi, start + step)
+                block = fuse_rows(prepared, cfg.fuse, start, stop, buf[: stop - start])
+                full[start:stop] = gt_ranks(block, gt_col[start:stop])
+
+        map_row_ranges(run, q)
         return full if self.all_rows else full[self.rows]
 
 
