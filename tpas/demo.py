@@ -1,32 +1,52 @@
-"""`tpas demo`: the post-processing half of the pipeline on synthetic data (no models, no downloads, seconds on CPU).
+"""`tpas demo`: the whole tpas pipeline on a synthetic mini-PAB, on a CPU, in minutes, with no downloads.
 
-It writes a small synthetic test split in the real PAB layouts (test `attr.json`, a name-masked `query.json`,
-`query_index.txt`, gallery ids), two score matrices with the same scores under the two id schemes (annotation ids to
-evaluate, name-masked ids to submit), then evaluates, writes the leaderboard file and validates it.
-`postprocess` is the reusable part: evaluate + submit + validate for any matrices.
+Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
+
+1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
+2. `tpas train cmp` x2   two tiny CMP models from `configs/train/cmp_tiny.yaml`: one pose-aware, one without pose and
+                         with another seed, so the ensemble has two independently trained models to fuse;
+3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
+                         and the name-masked test set;
+4. `tpas tune`           the fusion weights on the validation split (never on test), K-fold cross-validated;
+5. `tpas ensemble`       the tuned config applied to the test split and to the name-masked set (`--set inputs.X=...`);
+6. `tpas evaluate`       every model and the ensemble on the test split (`--json`), which gives the demo's table;
+7. `tpas submit`, `tpas validate`   the leaderboard file of the name-masked set;
+8. `tpas report`         the HTML page of every model's top-5 per test query.
+
+The name-masked set has no labels a user could score against (as in the challenge), so the scores come from the
+labelled test split, whose images are the same; the masked set's matrices go to the leaderboard file.
+
+`run_demo` plans and orders the steps and reads their outputs; it runs each one through a `run_command` callback that
+the CLI provides (it prints the command and invokes the Typer app), so this module itself never prints. Re-running is
+safe: the mini-PAB and the trained checkpoints are reused when the arguments that made them are unchanged (recorded in
+`runs/demo/state.json`), everything else is recomputed and replaced atomically by the commands themselves.
+`postprocess` is a reusable library shortcut for evaluate + submit + validate of any pair of matrices.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import string
+import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+import pandas as pd
+import yaml
 
 from .data.pab import load_ground_truth, read_gallery_ids, read_query_index
+from .errors import TpasInputError
 from .scoring import Evaluation, evaluate
 from .sims import SimsMatrix, atomic_write
 from .submit import ValidationReport, validate_answer, write_ranking_file
 
-_ACTIONS = {"normal": ["Walking", "Running", "Sitting", "Talking"], "anomaly": ["Falling", "Fighting", "Climbing"]}
-_SCENES = ["street", "parking lot", "office", "park"]
-_CLOTHES = ["red jacket", "black shirt", "white dress", "blue jeans", "grey hoodie", "green coat"]
+METRICS = ("R@1", "R@5", "R@10", "mAP")
+STATE_VERSION = 1
 
 
+# ------------------------------------------------------------------------------------------------ post-processing
 @dataclass
 class PostprocessResult:
     """What `postprocess` produced: the evaluation, the files written and the validator's report."""
@@ -69,123 +89,431 @@ def postprocess(
     return PostprocessResult(evaluation, written, report)
 
 
+# ------------------------------------------------------------------------------------------------ sizes
+@dataclass(frozen=True)
+class DemoModel:
+    """One model the demo trains: a name and its `--set` overrides of `configs/train/cmp_tiny.yaml`."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo's data, models and searches are."""
+
+    identities: int  # training identities (2 images each)
+    val_identities: int
+    test_identities: int
+    distractors: int  # extra images in the name-masked gallery
+    train_steps: int  # optimizer steps per model
+    batch_size: int
+    rerank_k: int  # ITM re-rank depth of `tpas infer cmp`
+    tune_trials: int
+    folds: int
+    report_queries: int | None  # queries shown in the HTML report (None: all)
+    models: tuple[DemoModel, ...] = (
+        DemoModel("cmp_pose", ("data.pose=true", "model.pose=true", "train.seed=0")),
+        DemoModel("cmp_nopose", ("data.pose=false", "model.pose=false", "train.seed=1")),
+    )
+
+
+SIZES: dict[str, DemoSize] = {
+    # `make demo`: a few minutes of training per model on a 2-core CPU.
+    "default": DemoSize(
+        identities=200,
+        val_identities=40,
+        test_identities=50,
+        distractors=100,
+        train_steps=200,
+        batch_size=24,
+        rerank_k=16,
+        tune_trials=120,
+        folds=3,
+        report_queries=None,
+    ),
+    # `tpas demo --quick` (tests/test_demo.py): the same pipeline, small enough for a test.
+    "quick": DemoSize(
+        identities=40,
+        val_identities=10,
+        test_identities=10,
+        distractors=10,
+        train_steps=6,
+        batch_size=8,
+        rerank_k=4,
+        tune_trials=12,
+        folds=2,
+        report_queries=10,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Step:
+    """One `tpas` command of the demo: what it does, its arguments, and the files it must leave."""
+
+    title: str
+    argv: tuple[str, ...]
+    outputs: tuple[Path, ...] = ()
+    reuse_key: str | None = None  # steps whose outputs are reused when the same argv made them before
+
+
 @dataclass
 class DemoResult:
-    """Paths of everything the demo wrote, plus the post-processing result."""
+    """What the demo measured and where it left its files."""
 
-    annotation: Path
-    query_json: Path
-    query_index: Path
-    gallery_ids: Path
-    eval_sims: Path
-    submit_sims: Path
-    result: PostprocessResult
-    r1_by_ties: dict[str, float]
+    root: Path
+    table: pd.DataFrame  # test-split metrics (%), one row per model matrix and the ensemble
+    ensemble: str  # row name of the ensemble in `table`
+    best_single: str  # row name of the best single-model matrix by R@1 (then mAP)
+    answer: Path
+    report: Path
+    tuned_config: Path
+    sims: list[Path]
+    steps: list[tuple[str, float, bool]] = field(default_factory=list)  # (title, seconds, reused)
 
-
-def _masked_id(rng: random.Random, taken: set[str]) -> str:
-    """A 15-character upper-case/digit id like the AICity'26 name-masked files (sometimes all digits)."""
-    alphabet = string.digits if rng.random() < 0.2 else string.ascii_uppercase + string.digits
-    while True:
-        s = "".join(rng.choice(alphabet) for _ in range(15))
-        if s not in taken:
-            taken.add(s)
-            return s
+    @property
+    def ensemble_gain(self) -> dict[str, float]:
+        """Ensemble minus best single model, per metric (percentage points)."""
+        return {m: float(self.table.loc[self.ensemble, m] - self.table.loc[self.best_single, m]) for m in METRICS}
 
 
-def write_synthetic_split(
-    root: str | Path, *, seed: int = 0, n_images: int = 60, captions: int = 2, distractors: int = 240
-) -> tuple[Path, Path, Path, Path, dict[str, str]]:
-    """Write a synthetic test split under `root` in the PAB layouts.
+def _find_train_config() -> Path:
+    """`configs/train/cmp_tiny.yaml` of this checkout (the demo trains from the repository's own config)."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "train" / "cmp_tiny.yaml"
+    if not path.is_file():
+        raise TpasInputError("the demo trains from configs/train/cmp_tiny.yaml of a tpas checkout; not found", path)
+    return path
 
-    Returns (attr.json, query.json, query_index.txt, gallery_ids.txt, {annotation query id: name-masked query id}).
+
+class _Layout:
+    """Every path the demo reads or writes, under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data" / "demo" / "mini-pab"
+        self.ckpt = root / "checkpoints" / "demo"
+        self.sims = root / "sims_score" / "demo"
+        self.predictions = root / "predictions" / "demo"
+        self.report = root / "reports" / "demo" / "index.html"
+        self.runs = root / "runs" / "demo"
+        self.state = self.runs / "state.json"
+        self.ensemble_config = self.runs / "ensemble.yaml"
+        self.tuned = self.runs / "ensemble_tuned.yaml"
+        self.trials = self.runs / "ensemble_tuned.trials.csv"
+        self.metrics = self.runs / "metrics"
+        self.cache = self.runs / "feature-cache"
+        masked = self.data / "name-masked_test-set"
+        # split -> (gallery folder, queries, pose folder)
+        self.splits = {
+            "val": (self.data / "val", self.data / "annotation" / "val" / "attr.json", self.data / "pose" / "val"),
+            "test": (self.data / "test", self.data / "annotation" / "test" / "attr.json", self.data / "pose" / "test"),
+            "masked": (masked / "gallery", masked / "query.json", self.data / "pose" / masked.name / "gallery"),
+        }  # fmt: skip
+        self.query_index = masked / "query_index.txt"
+        self.answer = self.predictions / "answer.txt"
+
+    def matrix(self, split: str, name: str, itc: bool = False) -> Path:
+        return self.sims / f"{split}_{name}{'.itc' if itc else ''}.pt"
+
+
+def _inputs(lay: _Layout, size: DemoSize, split: str) -> dict[str, Path]:
+    """Ensemble input name -> matrix file: each model's ITM-re-ranked and ITC matrices."""
+    out: dict[str, Path] = {}
+    for m in size.models:
+        out[f"{m.name}_itm"] = lay.matrix(split, m.name)
+        out[f"{m.name}_itc"] = lay.matrix(split, m.name, itc=True)
+    return out
+
+
+def _ensemble_config(lay: _Layout, size: DemoSize) -> dict[str, Any]:
+    """The demo's fusion: a weighted sum of every matrix, each min-max normalised per query, weights tuned on val.
+
+    Per-query normalisation because the re-ranked matrices hold match logits in each query's top-k and the row
+    minimum elsewhere: their global scale says nothing about one query's ranking. The search space lets `tpas tune`
+    switch any input off (weight 0), so the ensemble can only improve on a single model on the validation split.
     """
-    rng = random.Random(seed)
-    root = Path(root)
-    taken: set[str] = set()
-    records, masked_rows, mapping = [], [], {}
-    for i in range(n_images):
-        gid = _masked_id(rng, taken)
-        behaviour = "anomaly" if i % 3 == 0 else "normal"
-        action = rng.choice(_ACTIONS[behaviour])
-        scene = rng.choice(_SCENES)
-        caps = [f"A person in a {rng.choice(_CLOTHES)} is {action.lower()} in the {scene}." for _ in range(captions)]
-        records.append({"image": f"test/{gid}.jpg", "image_id": f"{i}", "caption": caps, behaviour: action,
-                        "scene": scene})  # fmt: skip
-        for k, cap in enumerate(caps):
-            qid = _masked_id(rng, taken)
-            mapping[f"{i}:{k}"] = qid
-            masked_rows.append({"query_index": qid, "caption": cap})
-    gallery = sorted([r["image"][5:-4] for r in records] + [_masked_id(rng, taken) for _ in range(distractors)])
-    rng.shuffle(masked_rows)  # the challenge re-orders the queries
-    ann = root / "annotation" / "test" / "attr.json"
-    masked = root / "name-masked_test-set"
-    query_json, query_index, gallery_file = (
-        masked / "query.json",
-        masked / "query_index.txt",
-        masked / "gallery_ids.txt",
+    inputs = _inputs(lay, size, "val")
+    first = next(iter(inputs))
+    return {
+        "inputs": {n: str(p.resolve()) for n, p in inputs.items()},
+        "normalize": {"method": "min-max", "scope": "query"},
+        "fuse": {"method": "wsum", "weights": {n: (1.0 if n == first else 0.0) for n in inputs}},
+        "post": [],
+        "tune": {
+            "metric": "mAP",
+            "space": {f"fuse.weights.{n}": {"low": 0.0, "high": 1.0, "step": 0.1} for n in inputs},
+        },
+    }
+
+
+def plan(root: str | Path = ".", *, size: str = "default", seed: int = 0) -> list[Step]:
+    """The demo's commands, in order, for `size` ("default" or "quick") under `root`."""
+    if size not in SIZES:
+        raise TpasInputError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
+    sz = SIZES[size]
+    lay = _Layout(Path(root))
+    d = lay.data
+    steps = [
+        Step(
+            "generate the synthetic mini-PAB",
+            (
+                "synth",
+                "--out",
+                str(d),
+                "--seed",
+                str(seed),
+                "--identities",
+                str(sz.identities),
+                "--val-identities",
+                str(sz.val_identities),
+                "--test-identities",
+                str(sz.test_identities),
+                "--distractors",
+                str(sz.distractors),
+                "--overwrite",
+            ),
+            (d / "vocab.txt", lay.query_index),
+            reuse_key="synth",
+        )
+    ]
+    train_cfg = _find_train_config()
+    for m in sz.models:
+        out = lay.ckpt / m.name
+        steps.append(
+            Step(
+                f"train {m.name} (tiny CMP, {sz.train_steps} steps)",
+                (
+                    "train",
+                    "cmp",
+                    "--config",
+                    str(train_cfg),
+                    "--set",
+                    f"data.root={d}",
+                    "--set",
+                    f"data.vocab={d / 'vocab.txt'}",
+                    "--set",
+                    f"output.dir={out}",
+                    "--set",
+                    f"train.max_steps={sz.train_steps}",
+                    "--set",
+                    f"train.batch_size={sz.batch_size}",
+                    "--set",
+                    "train.epochs=1000",
+                    "--set",
+                    "eval.enabled=false",
+                    "--set",
+                    "data.num_workers=0",
+                    *(a for o in m.overrides for a in ("--set", o)),
+                ),
+                (out / "checkpoint_last.pth",),
+                reuse_key=f"train/{m.name}",
+            )
+        )
+    for split in ("val", "test", "masked"):
+        images, queries, pose = lay.splits[split]
+        for m in sz.models:
+            pose_args = ("--pose", str(pose)) if "model.pose=true" in m.overrides else ()
+            steps.append(
+                Step(
+                    f"infer {m.name} on the {split} split (ITC + ITM re-rank of the top {sz.rerank_k})",
+                    (
+                        "infer",
+                        "cmp",
+                        "--checkpoint",
+                        str(lay.ckpt / m.name / "checkpoint_last.pth"),
+                        "--images",
+                        str(images),
+                        "--queries",
+                        str(queries),
+                        *pose_args,
+                        "--rerank-k",
+                        str(sz.rerank_k),
+                        "--device",
+                        "cpu",
+                        "--workers",
+                        "0",
+                        "--cache-dir",
+                        str(lay.cache),
+                        "--out",
+                        str(lay.matrix(split, m.name)),
+                    ),
+                    (lay.matrix(split, m.name), lay.matrix(split, m.name, itc=True)),
+                )
+            )
+    val_gt = lay.splits["val"][1]
+    test_gt = lay.splits["test"][1]
+    steps.append(
+        Step(
+            "tune the fusion weights on the validation split",
+            (
+                "tune",
+                "--config",
+                str(lay.ensemble_config),
+                "--gt",
+                str(val_gt),
+                "--out",
+                str(lay.tuned),
+                "--search",
+                "coordinate",
+                "--trials",
+                str(sz.tune_trials),
+                "--folds",
+                str(sz.folds),
+                "--seed",
+                str(seed),
+            ),
+            (lay.tuned, lay.trials),
+        )
     )
-    atomic_write(ann, lambda tmp: tmp.write_text(json.dumps(records, indent=1)))
-    atomic_write(query_json, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in masked_rows)))
-    atomic_write(query_index, lambda tmp: tmp.write_text("".join(r["query_index"] + "\n" for r in masked_rows)))
-    atomic_write(gallery_file, lambda tmp: tmp.write_text("\n".join(gallery) + "\n"))
-    return ann, query_json, query_index, gallery_file, mapping
+    for split in ("test", "masked"):
+        sets = [a for n, p in _inputs(lay, sz, split).items() for a in ("--set", f"inputs.{n}={p.resolve()}")]
+        steps.append(
+            Step(
+                f"apply the tuned ensemble to the {split} split",
+                ("ensemble", "--config", str(lay.tuned), *sets, "--out", str(lay.matrix(split, "ensemble"))),
+                (lay.matrix(split, "ensemble"),),
+            )
+        )
+    names = [*_inputs(lay, sz, "test"), "ensemble"]
+    files = [*_inputs(lay, sz, "test").values(), lay.matrix("test", "ensemble")]
+    for name, f in zip(names, files, strict=True):
+        by = ("--by", "normal/anomaly,scene") if name == "ensemble" else ()
+        steps.append(
+            Step(
+                f"evaluate {name} on the test split",
+                ("evaluate", str(f), "--gt", str(test_gt), *by, "--json", str(lay.metrics / f"{name}.json")),
+                (lay.metrics / f"{name}.json",),
+            )
+        )
+    masked_gallery = lay.splits["masked"][0]
+    steps += [
+        Step(
+            "write the leaderboard file of the name-masked set",
+            (
+                "submit",
+                str(lay.matrix("masked", "ensemble")),
+                "--query-index",
+                str(lay.query_index),
+                "--gallery",
+                str(masked_gallery),
+                "--out",
+                str(lay.answer),
+                "--zip",
+            ),
+            (lay.answer,),
+        ),
+        Step(
+            "validate it",
+            ("validate", str(lay.answer), "--query-index", str(lay.query_index), "--gallery", str(masked_gallery)),
+        ),
+        Step(
+            "write the HTML report of the test split",
+            (
+                "report",
+                *map(str, files),
+                "--names",
+                ",".join(names),
+                "--gt",
+                str(test_gt),
+                "--images",
+                str(lay.splits["test"][0]),
+                "--tuning-trials",
+                str(lay.trials),
+                "--out",
+                str(lay.report),
+                *(("--max-queries", str(sz.report_queries)) if sz.report_queries else ()),
+            ),
+            (lay.report,),
+        ),
+    ]
+    return steps
 
 
-def synthetic_scores(
-    query_ids: Sequence[str],
-    relevant: Sequence[str],
-    gallery_ids: Sequence[str],
-    *,
-    seed: int = 0,
-    signal: float = 2.5,
-    hard: Sequence[bool] | None = None,
-) -> torch.Tensor:
-    """Cosine-like scores where each query's relevant image gets a Gaussian bonus (`signal` noise units, halved for
-    `hard` queries), rounded to float16 so ties occur as in real fp16 matrices."""
-    gen = torch.Generator().manual_seed(seed)
-    col = {g: i for i, g in enumerate(gallery_ids)}
-    s = torch.randn(len(query_ids), len(gallery_ids), generator=gen)
-    bonus = signal * (1 + 0.5 * torch.randn(len(query_ids), generator=gen))
-    if hard is not None:
-        bonus = torch.where(torch.tensor(list(hard)), bonus / 2, bonus)
-    rows = torch.arange(len(query_ids))
-    cols = torch.tensor([col[g] for g in relevant])
-    s[rows, cols] += bonus
-    # Cosine-like range (about 0.3 +- 0.02 per unit) before the fp16 rounding, as a real fp16 matrix would be.
-    return (0.3 + 0.02 * s).half().float()
+# ------------------------------------------------------------------------------------------------ running it
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) and state.get("version") == STATE_VERSION else {}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    state["version"] = STATE_VERSION
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(state, indent=1), encoding="utf-8"))
 
 
 def run_demo(
     root: str | Path = ".",
     *,
+    size: str = "default",
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    fresh: bool = False,
+    run_command: Callable[[Sequence[str]], None],
+    progress: Callable[[int, int, Step, bool], None] | None = None,
 ) -> DemoResult:
-    """Write the synthetic split under `root/data/demo`, matrices under `root/sims_score/demo`, the answer under
-    `root/predictions/demo`; evaluate, submit and validate."""
-    root = Path(root)
-    say = progress or (lambda _msg: None)
-    say("writing a synthetic test split")
-    ann, query_json, query_index, gallery_file, mapping = write_synthetic_split(root / "data" / "demo", seed=seed)
-    gt = load_ground_truth(ann)
-    gallery = read_gallery_ids(gallery_file)
-    say("scoring it with a synthetic model")
-    hard = (gt.frame["behaviour"] == "anomaly").tolist()  # anomalous actions are the harder queries in PAB
-    scores = synthetic_scores(gt.query_ids, [gt.relevant[q] for q in gt.query_ids], gallery, seed=seed, hard=hard)
-    meta = {"demo": True, "seed": seed}
-    eval_path = SimsMatrix(gt.query_ids, gallery, scores=scores, source="demo", meta=dict(meta)).save(
-        root / "sims_score" / "demo" / "test.pt"
+    """Run the demo's commands (`plan`) under `root` and collect the test-split table.
+
+    Args:
+        root: folder under which data/, checkpoints/, sims_score/, predictions/, reports/ and runs/ `demo` go.
+        size: "default" (`make demo`) or "quick" (tests).
+        seed: seed of the mini-PAB, the training runs' base and the tuning search.
+        fresh: regenerate the data and retrain even when reusable outputs exist.
+        run_command: runs one `tpas` command line (the CLI invokes its own Typer app).
+        progress: called before each step as progress(index, total, step, reused).
+    """
+    steps = plan(root, size=size, seed=seed)  # rejects an unknown size
+    lay, sz = _Layout(Path(root)), SIZES[size]
+    state = {} if fresh else _load_state(lay.state)
+    lay.runs.mkdir(parents=True, exist_ok=True)
+    timings: list[tuple[str, float, bool]] = []
+    for i, step in enumerate(steps):
+        key = step.reuse_key
+        reused = key is not None and state.get(key) == list(step.argv) and all(p.is_file() for p in step.outputs)
+        if progress is not None:
+            progress(i, len(steps), step, reused)
+        if reused:
+            timings.append((step.title, 0.0, True))
+            continue
+        if key is not None:
+            # Whatever an earlier, different run left is stale: forget it before making it anew.
+            state.pop(key, None)
+            _save_state(lay.state, state)
+            if key.startswith("train/"):
+                shutil.rmtree(lay.ckpt / key.split("/", 1)[1], ignore_errors=True)
+            if key == "synth":  # new data invalidates every trained model
+                for k in [k for k in state if k.startswith("train/")]:
+                    state.pop(k)
+        if step.argv[0] == "tune":
+            cfg = _ensemble_config(lay, sz)
+            atomic_write(lay.ensemble_config, lambda tmp, c=cfg: tmp.write_text(yaml.safe_dump(c, sort_keys=False)))
+        t0 = time.perf_counter()
+        run_command(list(step.argv))
+        timings.append((step.title, time.perf_counter() - t0, False))
+        missing = next((p for p in step.outputs if not p.is_file()), None)
+        if missing is not None:
+            raise TpasInputError(f"demo step '{step.title}' finished without writing its output", missing)
+        if key is not None:
+            state[key] = list(step.argv)
+            _save_state(lay.state, state)
+
+    rows = {}
+    for name in [*_inputs(lay, sz, "test"), "ensemble"]:
+        metrics = json.loads((lay.metrics / f"{name}.json").read_text(encoding="utf-8"))
+        rows[name] = {m: float(metrics[m]) for m in METRICS}
+    table = pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)]
+    singles = table.drop(index="ensemble")
+    best = singles.sort_values(["R@1", "mAP"], ascending=False).index[0]
+    return DemoResult(
+        root=lay.root,
+        table=table,
+        ensemble="ensemble",
+        best_single=str(best),
+        answer=lay.answer,
+        report=lay.report,
+        tuned_config=lay.tuned,
+        sims=sorted(lay.sims.glob("*.pt")),
+        steps=timings,
     )
-    masked_ids = [mapping[q] for q in gt.query_ids]
-    submit_path = SimsMatrix(masked_ids, gallery, scores=scores, source="demo", meta=dict(meta)).save(
-        root / "sims_score" / "demo" / "name_masked.pt"
-    )
-    say("evaluating, writing and validating the ranking file")
-    result = postprocess(eval_path, ann, submit_path, query_index, root / "predictions" / "demo" / "answer.txt",
-                         gallery=gallery_file)  # fmt: skip
-    # The fp16 rounding makes ties: show how far the other tie rules would move R@1 (the stable rule is what the
-    # written file scores).
-    m = SimsMatrix.load(eval_path)
-    r1 = {t: evaluate(m, gt, ties=t).metrics()["R@1"] for t in ("optimistic", "stable", "pessimistic")}
-    return DemoResult(ann, query_json, query_index, gallery_file, eval_path, submit_path, result, r1)
