@@ -166,7 +166,7 @@ class FuseSpec:
                 c = 1.0 if j == 0 else 1.0 - ws[j - 1]
                 for w in ws[j:]:
                     c *= w
-                out[n] = c
+                out[n] = round(c, 12)  # drop float noise such as 0.060750000000000005
             return out
         return {n: self.weight_of(n) for n in self.order}
 

@@ -23,6 +23,7 @@ import torch
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
 from .fusion import block_rows
+from .parallel import map_row_ranges
 from .reorder import scores_of
 
 RESCORERS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -70,26 +71,42 @@ def validate(params: dict[str, Any] | None, key: str, base_dir: Path | None = No
 
 
 def _column_logsumexp(x: torch.Tensor, scale: float, add_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """logsumexp over rows of (x * scale [+ add_rows[:, None]]), one [G] vector, computed block by block."""
-    q, g = x.shape
-    acc = torch.full((g,), float("-inf"), dtype=torch.float64)
-    step = block_rows(g)
-    for i in range(0, q, step):
-        b = x[i : i + step].double() * scale
-        if add_rows is not None:
-            b += add_rows[i : i + step, None]
-        acc = torch.logaddexp(acc, torch.logsumexp(b, dim=0))
-    return acc
+    """logsumexp over rows of (x * scale [+ add_rows[:, None]]), one [G] vector, block by block, rows in parallel."""
+    step = block_rows(x.shape[1])
+
+    def part(lo: int, hi: int) -> torch.Tensor:
+        acc = torch.full((x.shape[1],), float("-inf"), dtype=torch.float64)
+        for i in range(lo, hi, step):
+            b = x[i : min(hi, i + step)].double() * scale
+            if add_rows is not None:
+                b += add_rows[i : min(hi, i + step), None]
+            acc = torch.logaddexp(acc, torch.logsumexp(b, dim=0))
+        return acc
+
+    parts = map_row_ranges(part, x.shape[0])
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.logaddexp(out, p)
+    return out
+
+
+def _rows_inplace(s: torch.Tensor, fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
+    """s[rows] = fn(s[rows], lo, hi) for every block of rows, rows split over workers."""
+    step = block_rows(s.shape[1])
+
+    def part(lo: int, hi: int) -> None:
+        for i in range(lo, hi, step):
+            j = min(hi, i + step)
+            s[i:j] = fn(s[i:j], i, j)
+
+    map_row_ranges(part, s.shape[0])
 
 
 @register_rescorer("dual-softmax")
 def _dual_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
     inv_t = 1.0 / float(p["temperature"])
     lse = _column_logsumexp(s, inv_t)
-    step = block_rows(s.shape[1])
-    for i in range(0, s.shape[0], step):
-        b = s[i : i + step]
-        b.mul_(torch.exp(b.double() * inv_t - lse).to(s.dtype))
+    _rows_inplace(s, lambda b, i, j: b * torch.exp(b.double() * inv_t - lse).to(s.dtype))
     return s
 
 
@@ -97,10 +114,7 @@ def _dual_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None)
 def _inverted_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
     inv_t = 1.0 / float(p["temperature"])
     lse = _column_logsumexp(bank if bank is not None else s, inv_t)
-    step = block_rows(s.shape[1])
-    for i in range(0, s.shape[0], step):
-        b = s[i : i + step]
-        b.copy_((b.double() * inv_t - lse).to(s.dtype))
+    _rows_inplace(s, lambda b, i, j: (b.double() * inv_t - lse).to(s.dtype))
     return s
 
 
@@ -112,14 +126,16 @@ def _sinkhorn(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> 
     u = torch.zeros(q, dtype=torch.float64)
     v = torch.zeros(g, dtype=torch.float64)
     step = block_rows(g)
+
+    def row_pass(lo: int, hi: int) -> None:
+        for i in range(lo, hi, step):
+            j = min(hi, i + step)
+            u[i:j] = log_a - torch.logsumexp(s[i:j].double() * inv_e + v, dim=1)
+
     for _ in range(int(p["iterations"])):
-        for i in range(0, q, step):
-            b = s[i : i + step].double() * inv_e + v
-            u[i : i + step] = log_a - torch.logsumexp(b, dim=1)
+        map_row_ranges(row_pass, q)
         v = log_b - _column_logsumexp(s, inv_e, add_rows=u)
-    for i in range(0, q, step):
-        b = s[i : i + step]
-        b.copy_((b.double() * inv_e + v + u[i : i + step, None]).to(s.dtype))
+    _rows_inplace(s, lambda b, i, j: (b.double() * inv_e + v + u[i:j, None]).to(s.dtype))
     return s
 
 

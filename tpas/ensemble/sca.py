@@ -22,6 +22,7 @@ import torch
 
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
+from .parallel import map_row_ranges
 from .reorder import move_to_front, scores_of, top1_collisions, top_candidates
 
 CONFIDENCES = ("top1", "margin", "softmax")
@@ -153,6 +154,10 @@ def _confidence(cs: torch.Tensor, ptr: torch.Tensor, kind: str, lse: torch.Tenso
     return torch.exp(pick.double() / temp - lse)
 
 
+def _row_logsumexp(x: torch.Tensor, scale: float, rows: int = 16) -> torch.Tensor:
+    return torch.cat([torch.logsumexp(x[i : i + rows].double() * scale, dim=1) for i in range(0, x.shape[0], rows)])
+
+
 def resolve_conflicts(
     sims: SimsMatrix,
     params: dict[str, Any] | None = None,
@@ -179,7 +184,10 @@ def resolve_conflicts(
     cand = cand_ext[:, :depth]
     lse = None
     if p["confidence"] == "softmax":
-        lse = torch.logsumexp(scores.double() / p["temperature"], dim=1)
+        inv_t = 1.0 / float(p["temperature"])
+        lse = torch.cat(
+            map_row_ranges(lambda lo, hi: _row_logsumexp(scores[lo:hi], inv_t), q)
+        )  # block-wise: no float64 copy of the matrix
     gate = p["text_sim_min"]
     if gate is not None and text_sim is None:
         text_sim = (
