@@ -150,6 +150,8 @@ def test_misaligned_ids_are_an_error_naming_them():
         (FuseSpec("wsum", ["a", "b"], {"a": 2.0}), "fuse.weights.a"),
         (FuseSpec("borda", ["a"]), "fuse.method"),
         (FuseSpec("iterative", ["a", "nope"], [0.5]), "unknown input 'nope'"),
+        (FuseSpec("rrf", ["a", "b"], None, k=-1), "fuse.k"),
+        (FuseSpec("rrf", ["a", "b"], None, depth=0), "fuse.depth"),
     ],
 )
 def test_bad_fusion_specs(spec, match):
@@ -177,3 +179,17 @@ def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm):
     na, nb = normalize(a.scores, *norm), normalize(b.scores, *norm)
     nt = normalize(t.to_dense("row-min"), *norm)
     assert torch.allclose(split, 0.6 * (0.3 * na + 0.7 * nt) + 0.4 * nb, atol=1e-5)
+
+
+def test_mixed_precision_inputs_fuse_in_the_wider_type():
+    gen = torch.Generator().manual_seed(2)
+    a = SimsMatrix(ids("q", 3), ids("g", 5), scores=torch.rand(3, 5, generator=gen).half())
+    b = SimsMatrix(ids("q", 3), ids("g", 5), scores=torch.rand(3, 5, generator=gen).double())
+    out = fuse({"a": a, "b": b}, FuseSpec("iterative", ["a", "b"], [0.5]))
+    assert out.scores.dtype == torch.float64
+    want = 0.5 * normalize_mm(a.scores.double()) + 0.5 * normalize_mm(b.scores)
+    assert torch.allclose(out.scores, want, atol=1e-3)
+
+
+def normalize_mm(x):
+    return (x - x.min()) / (x.max() - x.min())

@@ -135,10 +135,8 @@ class FuseSpec:
                 )
             for i, v in enumerate(w):
                 _check_weight(v, f"fuse.weights[{i}]")
-        else:
+        elif self.weights is not None:
             w = self.weights
-            if w is None:
-                return
             if not isinstance(w, Mapping):
                 raise TpasInputError(f"fuse.weights: {self.method} takes weights by name, {{name: w}}")
             for n, v in w.items():
@@ -210,6 +208,14 @@ def _rrf(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out:
         out.scatter_add_(1, cols, contrib.contiguous())
 
 
+def fused_dtype(inputs: Sequence[Prepared]) -> torch.dtype:
+    """float32, or wider when an input is wider (half-precision inputs are widened, never the other way)."""
+    dtype = torch.float32
+    for p in inputs:
+        dtype = torch.promote_types(dtype, p.dense.dtype if p.dense is not None else p.topk.values.dtype)
+    return dtype
+
+
 def block_rows(n_cols: int) -> int:
     """Rows per block so one float32 block is about BLOCK_BYTES."""
     return max(1, BLOCK_BYTES // max(1, 4 * n_cols))
@@ -226,8 +232,7 @@ def fuse_prepared(
 ) -> torch.Tensor:
     """Fuse prepared inputs (in `spec.order`) into one dense [Q, G] tensor, block by block, rows in parallel."""
     q, g = inputs[0].shape
-    dtype = inputs[0].dense.dtype if inputs[0].dense is not None else inputs[0].topk.values.dtype
-    out = torch.empty(q, g, dtype=dtype)
+    out = torch.empty(q, g, dtype=fused_dtype(inputs))
     step = block_rows(g)
     done = [0]
     lock = threading.Lock()

@@ -35,7 +35,7 @@ from ..ranking import gt_ranks
 from ..scoring.metrics import aggregate, per_query_metrics
 from ..sims import atomic_write
 from .config import EnsembleConfig, build_config, dump_config, get_key, set_key
-from .fusion import Prepared, block_rows, fuse_prepared, fuse_rows, prepare
+from .fusion import Prepared, block_rows, fuse_prepared, fuse_rows, fused_dtype, prepare
 from .parallel import map_row_ranges
 from .pipeline import apply_post, load_inputs
 
@@ -211,7 +211,8 @@ class Evaluator:
 
             fused = SimsMatrix(self.query_ids, self.gallery_ids, scores=fuse_prepared(prepared, cfg.fuse))
             fused, _ = apply_post(fused, cfg)
-            r = gt_ranks(fused.scores.index_select(0, self.rows), self.cols)
+            scores = fused.scores.index_select(0, self.rows) if not self.all_rows else fused.scores
+            r = torch.cat(map_row_ranges(lambda lo, hi: gt_ranks(scores[lo:hi], self.cols[lo:hi]), len(self.cols)))
         else:
             r = self._fast_ranks(prepared, cfg)
         self._cache[key] = r
@@ -227,7 +228,7 @@ class Evaluator:
         gt_col[self.rows] = self.cols
 
         def run(lo: int, hi: int) -> None:
-            buf = torch.empty(step, g, dtype=torch.float32)
+            buf = torch.empty(step, g, dtype=fused_dtype(prepared))
             for start in range(lo, hi, step):
                 stop = min(hi, start + step)
                 block = fuse_rows(prepared, cfg.fuse, start, stop, buf[: stop - start])
