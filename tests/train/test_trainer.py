@@ -37,7 +37,7 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> MiniPab:
         seed=0,
         n_identities=60,
         n_val_identities=2,
-        n_test_identities=10,
+        n_test_identities=20,
         n_distractors=0,
         image_size=(32, 64),
     )
@@ -56,8 +56,7 @@ def test_training_lowers_the_loss_and_retrieves_far_above_chance(mini: MiniPab, 
     out = tmp_path / "run"
     args = ["train", "cmp", "--config", str(TINY_YAML), "--set", f"data.root={mini.root}", "--set",
             f"data.vocab={mini.vocab}", "--set", f"output.dir={out}", "--set", "train.log_every=1",
-            "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "optim.lr=2e-3",
-            "--set", "optim.lr_end=2e-4", "--set", "optim.warmup_steps=5", "--set", "eval.rerank_k=4"]  # fmt: skip
+            "--set", "train.epochs=2", "--set", "optim.warmup_steps=5", "--set", "eval.rerank_k=4"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     log = _log(out)
@@ -66,9 +65,12 @@ def test_training_lowers_the_loss_and_retrieves_far_above_chance(mini: MiniPab, 
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     evals = [r for r in log if r["kind"] == "eval"]
     assert [e["epoch"] for e in evals] == [0, 1]
-    # 20 test images: chance R@1 is 5% and chance R@10 50%.
+    # 40 test images, 80 captions: a random ranking has R@k = k/40 and mAP = H(40)/40 (~10.7%).
+    # After 30 steps of batch 16 the tiny model reaches ~3x chance at R@1 and R@5 and ~2x at mAP.
     final = evals[-1]["itc"]
-    assert final["R@1"] >= 15.0 and final["R@10"] >= 70.0, final
+    chance_map = 100 * sum(1 / r for r in range(1, 41)) / 40
+    assert final["R@1"] >= 2 * 100 / 40 and final["R@5"] >= 2 * 500 / 40, final
+    assert final["mAP"] >= 1.6 * chance_map, final
     assert "itm" in evals[-1]
 
     # The checkpoint is weights_only-loadable and `tpas infer cmp` reproduces the trainer's own ITC evaluation.

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+_owns_group = False
+
 
 def is_distributed() -> bool:
     """True when a process group is initialised with more than one process."""
@@ -53,15 +55,19 @@ def setup(device: str) -> torch.device:
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        global _owns_group
+        _owns_group = True
     elif dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
     return dev
 
 
 def cleanup() -> None:
-    """Destroy the process group if this process created one."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the process group if `setup` created it (a caller's own group is left alone)."""
+    global _owns_group
+    if _owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _owns_group = False
 
 
 def barrier() -> None:
