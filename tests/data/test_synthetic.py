@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tpas.cli import app
 from tpas.data.pab import list_gallery, load_ground_truth, read_queries, read_query_index, read_train_annotation
-from tpas.data.synthetic import MiniPab, generate_mini_pab
+from tpas.data.synthetic import MiniPab, generate_mini_pab, load_masked_ground_truth
 from tpas.errors import TpasInputError
 
 SMALL = {"n_identities": 6, "n_val_identities": 2, "n_test_identities": 3, "n_distractors": 2, "image_size": (32, 64)}
@@ -82,6 +82,19 @@ def test_name_masked_set_is_consistent(mini: MiniPab) -> None:
     truth = {r["query_index"]: r for r in json.loads(mini.ground_truth.read_text())}
     assert set(truth) == set(order)
     assert all(truth[q.id]["caption"] == [q.caption] for q in queries)
+    # With query ids as the matrix rows use them (query_index), for scoring the masked set.
+    masked = load_masked_ground_truth(mini.ground_truth)
+    assert sorted(masked.query_ids) == sorted(order)
+    assert masked.relevant == {q: Path(truth[q]["image"]).stem for q in order}
+    assert list(masked.frame.index) == masked.query_ids and set(masked.frame["behaviour"]) == {"normal", "anomaly"}
+    import torch
+
+    from tpas.scoring import evaluate
+    from tpas.sims import SimsMatrix
+
+    gids = [g.id for g in gallery]
+    perfect = torch.tensor([[float(g == masked.relevant[q]) for g in gids] for q in order])
+    assert evaluate(SimsMatrix(order, gids, scores=perfect), masked).metrics()["R@1"] == 100.0
 
 
 def test_vocab_is_bert_compatible_and_covers_the_captions(mini: MiniPab) -> None:

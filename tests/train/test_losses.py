@@ -146,3 +146,13 @@ def test_ihnm_pairs_are_both_cross_pairs_labelled_negative() -> None:
     assert pairs[2 * b :] == [(10, 40), (11, 41), (12, 42)]  # hard image with the caption
     # Zero logits: every kept row costs log 2; the invalid sample's two hard rows are dropped (3 + 2 + 2 = 7 rows).
     assert torch.allclose(loss, torch.tensor(7 * 0.6931471805599453) / 7)
+
+
+def test_losses_are_finite_under_bf16_autocast() -> None:
+    model = tiny_model()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = compute_losses(model, random_batch(4, seed=4), LossConfig())
+    assert out["total"].dtype == torch.float32  # the loss heads compute in float32
+    assert all(torch.isfinite(out[k]) for k in ("itc", "itm", "mlm", "total"))
+    out["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
