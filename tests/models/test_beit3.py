@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -408,6 +409,10 @@ def test_wrong_state_dicts_get_one_clear_error(tiny, tmp_path):
         else:
             with pytest.raises(TpasInputError, match=message):
                 load_model("beit3", tmp_path / name, tokenizer=tiny[1])
+    small = tmp_path / "small_vocab.pth"
+    torch.save({"model": random_state(dataclasses.replace(TINY, vocab_size=20))}, small)
+    with pytest.raises(TpasInputError, match="text embedding has only 20 rows"):
+        load_model("beit3", small, tokenizer=tiny[1])
     with pytest.raises(TpasInputError, match="needs --checkpoint"):
         load_model("beit3", None, tokenizer=tiny[1])
 

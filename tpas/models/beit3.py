@@ -468,6 +468,12 @@ class BEiT3Retrieval(RetrievalModel):
         state = strip_prefix(extract_state_dict(load_checkpoint(path, trust=trust_checkpoint), path), "module.")
         cfg = resolve_config(config, infer_config(state, path), path)
         tok = BEiT3Tokenizer(find_tokenizer(path, tokenizer), max_len=cfg.text_max_len)
+        if tok.mask_id >= cfg.vocab_size:
+            raise TpasInputError(
+                f"has {tok.mask_id - 1} pieces (ids up to {tok.mask_id}) but the checkpoint's text embedding has only "
+                f"{cfg.vocab_size} rows; BEiT-3 checkpoints go with {TOKENIZER_FILE} ({TOKENIZER_URL})",
+                tok.path,
+            )
         # Build on the meta device and adopt the checkpoint's tensors: no random init of ~700M parameters, no copy.
         with torch.device("meta"):
             model = cls(cfg, tok)
