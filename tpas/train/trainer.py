@@ -586,7 +586,7 @@ def train(cfg: dict[str, Any], *, resume: bool = False, progress: Progress | Non
                     ann = ann if ann.is_absolute() else eval_root / ann
                     metrics = evaluate_model(
                         model, tokenizer, ann, eval_root, device, batch_size=int(ev["batch_size"]),
-                        rerank_k=int(ev.get("rerank_k") or 0), autocast=autocast,
+                        rerank_k=int(ev.get("rerank_k") or 0), autocast=autocast, num_workers=int(data["num_workers"]),
                     )  # fmt: skip
                 metrics = du.broadcast_object(metrics)  # type: ignore[assignment]
                 assert metrics is not None
