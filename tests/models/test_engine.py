@@ -480,3 +480,16 @@ def test_torchrun_two_ranks_equal_single_process(tiny_gallery: TinyGallery, tiny
     torch.testing.assert_close(toy_dist.scores, toy_single.scores, atol=1e-6, rtol=0)
     torch.testing.assert_close(SimsMatrix.load(tmp_path / "toy_dist.itc.pt").scores,
                                SimsMatrix.load(tmp_path / "toy.itc.pt").scores, atol=0, rtol=0)  # fmt: skip
+
+
+def test_model_fingerprint_without_checkpoint_file_hashes_weights_including_scalars():
+    """A model built in memory (no checkpoint file) is keyed by its weights; 0-dim tensors (logit scales) count."""
+    from tpas.models.engine import model_fingerprint
+
+    class Scalar(torch.nn.Module):
+        def __init__(self, v: float):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(v))
+
+    a, b = model_fingerprint(Scalar(1.0), None), model_fingerprint(Scalar(2.0), None)
+    assert a != b and a == model_fingerprint(Scalar(1.0), None)
