@@ -15,7 +15,6 @@ from tpas.cli import main
 from tpas.data.pab import read_query_index
 from tpas.scoring import evaluate
 from tpas.sims import FORMAT, SimsMatrix
-from tpas.submit import validate_answer
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "aicity26"
@@ -270,19 +269,3 @@ def test_version(capsys):
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("tpas ")
 
-
-# ------------------------------------------------------------------------------------------------- demo
-def test_demo_runs_the_postprocessing_pipeline(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--root", tmp_path)
-    assert code == 0, err
-    answer = tmp_path / "predictions" / "demo" / "answer.txt"
-    qi = tmp_path / "data" / "demo" / "name-masked_test-set" / "query_index.txt"
-    assert validate_answer(answer, qi, tmp_path / "data" / "demo" / "name-masked_test-set" / "gallery_ids.txt").ok
-    assert (tmp_path / "predictions" / "demo" / "answer.zip").is_file()
-    assert "by behaviour" in out and "OK" in out
-    # The same scores under both id schemes: the file's first line is the test matrix's top-10 for that query.
-    masked = SimsMatrix.load(tmp_path / "sims_score" / "demo" / "name_masked.pt")
-    first = read_query_index(qi)[0]
-    row = masked.scores[masked.query_ids.index(first)]
-    top = [masked.gallery_ids[c] for c in row.sort(descending=True, stable=True).indices[:10]]
-    assert answer.read_text().splitlines()[0].split(" ") == top
