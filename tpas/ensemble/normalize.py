@@ -80,11 +80,13 @@ def affine_params(x: torch.Tensor, method: str, scope: str) -> AffineParams | No
         return AffineParams(z, torch.ones((), dtype=x.dtype))
     if method == "min-max":
         # Per row range in parallel; min and max are exact whatever the split.
-        parts = map_row_ranges(lambda lo, hi: torch.aminmax(x[lo:hi], dim=1, keepdim=True), x.shape[0])
-        mn = torch.cat([p[0] for p in parts])
-        mx = torch.cat([p[1] for p in parts])
         if scope == "global":
-            mn, mx = mn.min(), mx.max()
+            parts = map_row_ranges(lambda lo, hi: torch.aminmax(x[lo:hi]), x.shape[0])
+            mn = torch.stack([p[0] for p in parts]).min()
+            mx = torch.stack([p[1] for p in parts]).max()
+        else:
+            parts = map_row_ranges(lambda lo, hi: torch.aminmax(x[lo:hi], dim=1, keepdim=True), x.shape[0])
+            mn, mx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return minmax_params_from_stats(mn, mx)
     if method == "zmuv":
         if scope == "global":
