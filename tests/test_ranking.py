@@ -102,6 +102,29 @@ def test_topk_stable_is_prefix_of_stable_sort_and_agrees_with_gt_ranks(scores, k
     assert gt_ranks(scores, cols).tolist() == [scores.shape[1]] * scores.shape[0]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.integers(1, 4), st.integers(2, 3), st.integers(0, 2))
+def test_blocked_topk_stable_equals_stable_sort(data, k, block, extra):
+    # Wide rows with few distinct values: many ties across blocks, a short last block, and rows that must be redone.
+    q = data.draw(st.integers(1, 4))
+    g = data.draw(st.integers((k + extra + 1) * block * 4, 90))
+    cells = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0]), min_size=q * g, max_size=q * g))
+    scores = torch.tensor(cells).reshape(q, g)
+    want = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ranking, "_BLOCK", block)
+        mp.setattr(ranking, "_EXTRA_BLOCKS", extra)
+        mp.setattr(ranking, "_BLOCKED_MIN_COLS", 0)
+        got = topk_stable(scores, k)
+    assert got.tolist() == want.tolist()
+
+
+def test_blocked_topk_on_a_large_fp16_like_matrix():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(40, 9000, generator=gen).mul(0.05).half().float()  # ties at the 10th place are common
+    assert torch.equal(topk_stable(scores, 10), torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :10])
+
+
 def test_small_chunks_and_row_subset_give_same_ranks(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (37, 23), generator=gen).float()

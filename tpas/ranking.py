@@ -9,17 +9,33 @@ from enum import Enum
 
 import torch
 
+# Blocked top-k: columns are grouped in blocks of _BLOCK; one cheap max per block finds the few blocks that can hold
+# a row's k best cells, and only those are ranked. Used when the gallery is large compared with k.
+_BLOCK = 128
+_EXTRA_BLOCKS = 6
+_BLOCKED_MIN_COLS = 8192
+
 
 def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Column indices [Q, k] of each row's k best scores, best first; ties broken by lower column index.
 
-    Uses `torch.topk` (no full sort). Rows whose k-th and (k+1)-th scores tie are the only ones where topk's choice
-    among equal values could differ from the stable rule; those rows are redone exactly.
+    No full sort. Large galleries: each row's block maxima (blocks of 128 columns) pick the k + 6 blocks that can
+    hold its k best cells; those candidates are ranked exactly, and a row is redone on all columns if a block left
+    out could tie with its k-th cell. Otherwise `torch.topk`, redoing exactly the rows whose k-th and (k+1)-th
+    scores tie (the only rows where topk's choice among equal values could differ from the stable rule).
     """
     q, g = scores.shape
     k = min(k, g)
     if k == 0:
         return torch.empty(q, 0, dtype=torch.long)
+    kb = k + _EXTRA_BLOCKS
+    if g >= _BLOCKED_MIN_COLS and (kb + 1) * _BLOCK * 4 <= g:
+        return _topk_stable_blocked(scores, k, kb)
+    return _topk_stable_direct(scores, k)
+
+
+def _topk_stable_direct(scores: torch.Tensor, k: int) -> torch.Tensor:
+    g = scores.shape[1]
     kk = min(k + 1, g)
     vals, idx = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
     # Reorder the kept cells by (score desc, column asc): sort by column, then a stable sort by score.
@@ -32,6 +48,32 @@ def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
             cand = (row >= vals[r, k - 1]).nonzero().flatten()  # ascending column order
             order = row[cand].sort(descending=True, stable=True).indices[:k]
             out[r] = cand[order]
+    return out
+
+
+def _topk_stable_blocked(scores: torch.Tensor, k: int, kb: int) -> torch.Tensor:
+    q, g = scores.shape
+    b = _BLOCK
+    n_full = g // b
+    g0 = n_full * b
+    # Splitting the column dimension is a view (no copy); amax reads the matrix once.
+    blocked = scores[:, :g0].unflatten(1, (n_full, b))
+    top_max, top_blocks = torch.topk(blocked.amax(dim=2), kb + 1, dim=1, largest=True, sorted=True)
+    # Candidates: the kb best full blocks in ascending block order, then the short tail block (always included), so
+    # candidate position order is gallery column order and the stable rule on candidates is the rule on columns.
+    blocks = top_blocks[:, :kb].sort(dim=1).values
+    cand = blocked[torch.arange(q).unsqueeze(1), blocks].reshape(q, kb * b)  # copies whole 64-cell runs
+    cols = (blocks.unsqueeze(2) * b + torch.arange(b)).reshape(q, kb * b)
+    if g0 < g:
+        cand = torch.cat([cand, scores[:, g0:]], dim=1)
+        cols = torch.cat([cols, torch.arange(g0, g).expand(q, g - g0)], dim=1)
+    pos = _topk_stable_direct(cand, k)
+    out = cols.gather(1, pos)
+    # A block left out may still hold a cell >= the k-th score (only through ties): redo those rows on all columns.
+    kth = cand.gather(1, pos[:, k - 1 : k]).squeeze(1)
+    rows = (top_max[:, kb] >= kth).nonzero().flatten()
+    if len(rows):
+        out[rows] = _topk_stable_direct(scores.index_select(0, rows), k)
     return out
 
 
