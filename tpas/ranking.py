@@ -156,22 +156,31 @@ def relevant_ranks(
     if q == 0 or m == 0:
         return out
     valid = rel_cols >= 0
-    step = _rows_per_chunk(g, m)
+    step = min(q, _rows_per_chunk(g, m))
+    # One work buffer reused by every chunk: a fresh multi-MB allocation per chunk costs page faults each time.
+    work_dtype = (
+        scores.dtype
+        if scores.dtype in (torch.float32, torch.float64) or not scores.is_floating_point()
+        else (torch.float32)
+    )
+    work = torch.empty(step, m, g, dtype=work_dtype)
     for r0 in range(0, q, step):
         r1 = min(q, r0 + step)
         chunk = scores[r0:r1] if rows is None else scores.index_select(0, rows[r0:r1])
-        out[r0:r1] = _chunk_ranks(chunk, rel_cols[r0:r1], valid[r0:r1], ties)
+        out[r0:r1] = _chunk_ranks(chunk, rel_cols[r0:r1], valid[r0:r1], ties, work[: r1 - r0])
     return out.masked_fill_(~valid, 0)
 
 
-def _chunk_ranks(s: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, ties: Ties) -> torch.Tensor:
+def _chunk_ranks(
+    s: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, ties: Ties, work: torch.Tensor
+) -> torch.Tensor:
     # Counting through float arithmetic is several times faster on CPU than summing bool comparison masks:
     # d = sign(s - t) is +1 / 0 / -1, so sum(d) = #greater - #less and sum(|d|) = #greater + #less. Counts stay below
     # 2^24, so float32 sums are exact. Half types are widened first (exactly) so their sums do not lose integers.
-    if s.is_floating_point() and s.dtype not in (torch.float32, torch.float64):
-        s = s.float()
+    s = s.to(work.dtype)
     t = s.gather(1, cols.clamp(min=0))  # [b, m] score of each relevant column
-    d = s.unsqueeze(1) - t.unsqueeze(2)  # [b, m, G]; x - y == 0 exactly when x == y (IEEE, no flush-to-zero)
+    # d = s - t into the work buffer [b, m, G]; x - y == 0 exactly when x == y (IEEE, no flush-to-zero).
+    d = torch.sub(s.unsqueeze(1), t.unsqueeze(2), out=work)
     d.sign_()
     diff = d.sum(2)
     d.abs_()  # zeros stay zeros: they mark the cells tied with the relevant one
