@@ -71,16 +71,16 @@ def test_quick_demo_leaves_every_artefact_valid_and_reruns(tmp_path: Path, capsy
     test_q = set(load_ground_truth(data / "annotation" / "test" / "attr.json").query_ids)
     masked_q = set(read_query_index(masked / "query_index.txt"))
     for split in ("val", "test", "masked"):
-        for model in ("cmp_pose", "cmp_nopose"):
+        for model in ("cmp_a", "cmp_b"):
             assert f"{split}_{model}.pt" in sims and f"{split}_{model}.itc.pt" in sims
     assert set(sims["test_ensemble.pt"].query_ids) == test_q
     assert set(sims["masked_ensemble.pt"].query_ids) == masked_q
-    assert sims["test_cmp_pose.pt"].source == "cmp" and sims["test_ensemble.pt"].source == "fused"
+    assert sims["test_cmp_a.pt"].source == "cmp-itm" and sims["test_ensemble.pt"].source == "fused"
 
     # The tuned config is a valid ensemble config; its trials CSV fed the report's tuning surface.
     tuned = tmp_path / "runs" / "demo" / "ensemble_tuned.yaml"
     cfg = load_config(tuned)
-    assert set(cfg.inputs) == {"cmp_pose_itm", "cmp_pose_itc", "cmp_nopose_itm", "cmp_nopose_itc"}
+    assert set(cfg.inputs) == {"cmp_a_itm", "cmp_a_itc", "cmp_b_itm", "cmp_b_itc"}
     report = tmp_path / "reports" / "demo" / "index.html"
     html = report.read_text(encoding="utf-8")
     assert html.count("<section class='query'") == SIZES["quick"].report_queries

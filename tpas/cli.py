@@ -521,7 +521,7 @@ def infer_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .models import load_model
-    from .models.engine import infer, itc_path_for
+    from .models.engine import infer, itc_path_for, itm_path_for
 
     t0 = time.perf_counter()
     model_config = _read_model_config(config, family)
@@ -562,7 +562,7 @@ def infer_cmd(
     q, g = sims.shape
     line = f"{out}: {q} queries x {g} gallery images ({sims.source}) in {time.perf_counter() - t0:.1f} s"
     if rerank_k is not None:
-        line += f"; ITC matrix: {itc_path_for(out)}"
+        line += f"; ITC matrix: {itc_path_for(out)}; raw ITM (top-{rerank_k}): {itm_path_for(out)}"
     skipped = sims.meta.get("skipped_images") or []
     if skipped:
         line += f"; {len(skipped)} unreadable image(s) skipped (listed in meta)"

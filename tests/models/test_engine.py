@@ -20,7 +20,7 @@ from tpas.cli import app, main
 from tpas.errors import TpasInputError
 from tpas.models import load_model
 from tpas.models.base import Features, RetrievalModel
-from tpas.models.engine import InferProgress, infer, itc_path_for
+from tpas.models.engine import InferProgress, infer, itc_path_for, itm_path_for
 from tpas.ranking import topk_stable
 from tpas.sims import SimsMatrix
 
@@ -313,10 +313,15 @@ def test_rerank_fills_row_minimum_and_writes_itc(tiny_gallery: TinyGallery, tmp_
     sims = infer(model, tiny_gallery.images, tiny_gallery.queries, out, rerank_k=3, batch_size=4, num_workers=0,
                  cache_dir=tmp_path / "cache")  # fmt: skip
     itc = SimsMatrix.load(itc_path_for(out))
-    assert itc_path_for(out).name == "toy.itc.pt" and itc.source == "toy-itc" and sims.source == "toy"
+    assert itc_path_for(out).name == "toy.itc.pt" and itc.source == "toy-itc" and sims.source == "toy-itm"
     assert sims.meta["rerank_k"] == 3
     expected = _expected_rerank(itc.scores, tiny_gallery.captions, 3)
     torch.testing.assert_close(SimsMatrix.load(out).scores, expected, atol=1e-6, rtol=0)
+    # The raw match scores of each top-k, in top-K form: exactly the cells the filled matrix scored.
+    raw = SimsMatrix.load(itm_path_for(out))
+    assert itm_path_for(out).name == "toy.itm.pt" and raw.k == 3 and raw.source == "toy-itm-raw"
+    assert torch.equal(raw.indices, topk_stable(itc.scores, 3))
+    torch.testing.assert_close(raw.to_dense("row-min"), expected, atol=1e-6, rtol=0)
     # Without --rerank-k a model with a matching head writes its ITC matrix, named as such.
     plain = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "p.pt", batch_size=4, num_workers=0,
                   cache_dir=tmp_path / "cache")  # fmt: skip
@@ -409,7 +414,7 @@ def test_cli_rerank_with_a_registered_family(tiny_gallery: TinyGallery, tmp_path
                                  str(tiny_gallery.queries), "--rerank-k", "2", "--out", str(out), "--workers", "0",
                                  "--no-cache"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "5 queries x 8 gallery images (toy)" in r.output and "toy.itc.pt" in r.output
+    assert "5 queries x 8 gallery images (toy-itm)" in r.output and "toy.itc.pt" in r.output and "toy.itm.pt" in r.output
     assert SimsMatrix.load(out).shape == (5, 8) and itc_path_for(out).is_file()
     help_text = CliRunner().invoke(app, ["infer", "--help"]).output
     assert "toy" in help_text and "clip" in help_text

@@ -67,6 +67,15 @@ def itc_path_for(out: Path) -> Path:
     return out.with_name(f"{out.stem}.itc.pt")
 
 
+def itm_path_for(out: Path) -> Path:
+    """Where a re-ranked run writes the raw match scores of each query's top-k (top-K form): `<out stem>.itm.pt`.
+
+    `--out` holds the family's final combination (CMP: global min-max + 0.002 x ITC); fusions that want the match
+    scores alone, as the WWW'25 ensemble does, read this file instead.
+    """
+    return out.with_name(f"{out.stem}.itm.pt")
+
+
 # ---------------------------------------------------------------------------------------------- setup helpers
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """`auto` -> the CUDA device of this rank when CUDA is available, else CPU; other names are checked."""
@@ -352,7 +361,7 @@ def infer(
         itc_good = _similarity(model, text["embed"], image_embed, dev)
         itc = _fill_columns(itc_good, good, len(gallery))
 
-        reranked = None
+        reranked = top = matched = None
         if rerank_k is not None:
             first = itc if cand is None else cand[q_rows.start : q_rows.stop]
             # Cells a top-K candidates matrix lacks rank below its kept cells but stay eligible (if skipped images
@@ -360,13 +369,13 @@ def infer(
             masked = first.nan_to_num(neginf=torch.finfo(torch.float32).min)
             if bad_all:
                 masked[:, sorted(bad_all)] = float("-inf")
-            reranked = _rerank(
+            reranked, top, matched = _rerank(
                 model, store, keys, text, masked, min(rerank_k, len(good)), dev, autocast, batch_size, progress
             )
 
-        parts = dist.all_gather((itc, reranked))
+        parts = dist.all_gather((itc, reranked, top, matched))
         itc_all = torch.cat([p[0] for p in parts])
-        final_all = None
+        final_all = itm_m = None
         if rerank_k is not None:
             # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
             final_all = model.finalize_rerank(torch.cat([p[1] for p in parts]), itc_all).float().cpu()
@@ -395,10 +404,20 @@ def infer(
                 rmeta["candidates"] = str(candidates)
             elif candidates is not None:
                 rmeta["candidates"] = candidates.source
-            result = SimsMatrix(query_ids, gallery_ids, scores=final_all, source=model.family, meta=rmeta)
+            result = SimsMatrix(query_ids, gallery_ids, scores=final_all, source=f"{model.family}-itm", meta=rmeta)
+            itm_m = SimsMatrix(
+                query_ids,
+                gallery_ids,
+                indices=torch.cat([p[2] for p in parts]),
+                values=torch.cat([p[3] for p in parts]).float(),
+                source=f"{model.family}-itm-raw",
+                meta=dict(rmeta, fill="unscored"),
+            )
         if dist.rank == 0:
-            if final_all is not None:
-                itc_m.save(itc_path_for(out))  # before `out`, so a finished `out` always has its ITC beside it
+            if itm_m is not None:
+                # Before `out`, so a finished `out` always has its ITC and raw ITM files beside it.
+                itc_m.save(itc_path_for(out))
+                itm_m.save(itm_path_for(out))
             result.save(out)
         dist.barrier()
         return result
@@ -545,14 +564,18 @@ def _rerank(
     autocast: contextlib.AbstractContextManager[Any],
     batch_size: int,
     progress: ProgressFn | None,
-) -> torch.Tensor:
-    """Match scores of each row's top-k of `first`; every other cell gets the row minimum of those k scores."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Match scores of each row's top-k of `first`.
+
+    Returns the filled [q, G] matrix (every other cell gets the row minimum of the k scores), the top-k columns
+    [q, k] and their match scores [q, k].
+    """
     from ..ranking import topk_stable
 
     q = first.shape[0]
     out = torch.empty(q, first.shape[1])
     if q == 0:
-        return out
+        return out, torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
     top = topk_stable(first, k)  # [q, k] gallery columns
     rows = torch.arange(q).repeat_interleave(k)
     cols = top.reshape(-1)
@@ -578,4 +601,4 @@ def _rerank(
     matched = matched.view(q, k)
     out[:] = matched.min(dim=1, keepdim=True).values
     out.scatter_(1, top, matched)
-    return out
+    return out, top, matched
