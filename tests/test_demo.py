@@ -80,7 +80,7 @@ def test_quick_demo_leaves_every_artefact_valid_and_reruns(tmp_path: Path, capsy
     # The tuned config is a valid ensemble config; its trials CSV fed the report's tuning surface.
     tuned = tmp_path / "runs" / "demo" / "ensemble_tuned.yaml"
     cfg = load_config(tuned)
-    assert set(cfg.inputs) == {"cmp_a_itm", "cmp_a_itc", "cmp_b_itm", "cmp_b_itc"}
+    assert set(cfg.inputs) == {"cmp_a_itc", "cmp_b_itc"}
     report = tmp_path / "reports" / "demo" / "index.html"
     html = report.read_text(encoding="utf-8")
     assert html.count("<section class='query'") == SIZES["quick"].report_queries

@@ -728,13 +728,36 @@ def demo_cmd(
         if code not in (None, 0):
             raise TpasInputError(f"demo step `tpas {argv[0]}` exited with status {code}")
 
+    bars: dict = {}  # one live progress display for the steps that run in parallel, a task per step
+
+    def close_bars() -> None:
+        if "live" in bars:
+            bars.pop("live").stop()
+        bars.clear()
+
     def progress(i: int, n: int, step: object, reused: bool) -> None:
+        if not step.parallel:
+            close_bars()
         console.rule(f"[{i + 1}/{n}] {step.title}" + (" (reused from the last run)" if reused else ""), style="cyan")
         if not reused:
             console.print("$ tpas " + shlex.join(step.argv), highlight=False, soft_wrap=True, style="dim")
 
-    res = run_demo(root, size="quick" if quick else "default", seed=seed, fresh=fresh, run_command=run_command,
-                   progress=progress)  # fmt: skip
+    def step_progress(step: object, done: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if "live" not in bars:
+            bars["live"] = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=err_console)  # fmt: skip
+            bars["live"].start()
+        if step.title not in bars:
+            bars[step.title] = bars["live"].add_task(step.title, total=step.total)
+        bars["live"].update(bars[step.title], completed=done)
+
+    try:
+        res = run_demo(root, size="quick" if quick else "default", seed=seed, fresh=fresh, run_command=run_command,
+                       progress=progress, step_progress=step_progress)  # fmt: skip
+    finally:
+        close_bars()
     table = Table(title="demo: test split of the mini-PAB (%)")
     table.add_column("model")
     for m in res.table.columns:
