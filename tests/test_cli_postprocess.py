@@ -268,4 +268,3 @@ def test_import_legacy_gallery_folder_orders(tmp_path, capsys):
 def test_version(capsys):
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("tpas ")
-
