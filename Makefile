@@ -31,8 +31,9 @@ lint: setup
 	$(VENV)/bin/ruff check tpas tests benchmarks
 	$(VENV)/bin/ruff format --check tpas tests benchmarks
 
+# Every benchmark (several minutes each on a 2-core CPU); results are recorded in benchmarks/RESULTS.md.
 bench: setup
-	$(PY) benchmarks/bench_postprocess.py
+	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
