@@ -281,5 +281,20 @@ def test_ground_truth_repeated_image_id_is_an_error(tmp_path):
         load_ground_truth(write(tmp_path / "attr.json", json.dumps(recs)))
 
 
+def test_ground_truth_uses_a_records_query_index_as_its_query_id(tmp_path):
+    """A name-masked ground truth scores the matrix rows `tpas infer` wrote from query.json (ids = query_index)."""
+    recs = [
+        {"image": "gallery/AB12.jpg", "image_id": "p0", "caption": ["a man falls"], "query_index": "007"},
+        {"image": "gallery/CD34.jpg", "image_id": "p1", "caption": ["a woman walks"], "query_index": "QX"},
+    ]
+    path = write(tmp_path / "ground_truth.json", json.dumps(recs))
+    gt = load_ground_truth(path)
+    assert gt.query_ids == ["007", "QX"] and gt.relevant == {"007": "AB12", "QX": "CD34"}
+    assert "query_index" not in gt.frame.columns
+    recs[1]["caption"] = ["one", "two"]
+    with raises("record 1 \\(0-based\\): a record with a 'query_index' must hold exactly one caption, found 2"):
+        load_ground_truth(write(tmp_path / "bad.json", json.dumps(recs)))
+
+
 def test_test_record_is_not_collected_as_a_test():
     assert TestRecord.__test__ is False

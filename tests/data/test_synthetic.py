@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tpas.cli import app
 from tpas.data.pab import list_gallery, load_ground_truth, read_queries, read_query_index, read_train_annotation
-from tpas.data.synthetic import MiniPab, generate_mini_pab, load_masked_ground_truth
+from tpas.data.synthetic import MiniPab, generate_mini_pab
 from tpas.errors import TpasInputError
 
 SMALL = {"n_identities": 6, "n_val_identities": 2, "n_test_identities": 3, "n_distractors": 2, "image_size": (32, 64)}
@@ -82,8 +82,8 @@ def test_name_masked_set_is_consistent(mini: MiniPab) -> None:
     truth = {r["query_index"]: r for r in json.loads(mini.ground_truth.read_text())}
     assert set(truth) == set(order)
     assert all(truth[q.id]["caption"] == [q.caption] for q in queries)
-    # With query ids as the matrix rows use them (query_index), for scoring the masked set.
-    masked = load_masked_ground_truth(mini.ground_truth)
+    # Records name their query_index, so the ground truth's query ids are the matrix rows' ids (query.json).
+    masked = load_ground_truth(mini.ground_truth)
     assert sorted(masked.query_ids) == sorted(order)
     assert masked.relevant == {q: Path(truth[q]["image"]).stem for q in order}
     assert list(masked.frame.index) == masked.query_ids and set(masked.frame["behaviour"]) == {"normal", "anomaly"}

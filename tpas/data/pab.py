@@ -188,9 +188,27 @@ def read_test_annotation(path: str | Path) -> list[TestRecord]:
     return [_test_record(path, i, rec) for i, rec in enumerate(data)]
 
 
-def annotation_query_ids(records: Sequence[TestRecord]) -> list[str]:
-    """Query ids of a test annotation's captions, in file order: `"{image_id}:{k}"`."""
-    return [f"{r.image_id}:{k}" for r in records for k in range(len(r.captions))]
+def annotation_query_ids(records: Sequence[TestRecord], path: str | Path | None = None) -> list[str]:
+    """Query ids of a test annotation's captions, in file order (see `record_query_ids`)."""
+    return [q for i, r in enumerate(records) for q in record_query_ids(r, i, path)]
+
+
+def record_query_ids(r: TestRecord, index: int = 0, path: str | Path | None = None) -> list[str]:
+    """Query ids of one record's captions: `"{image_id}:{k}"`, or its `query_index` when the record names one.
+
+    A name-masked ground truth (one caption per record, plus the `query_index` that `query.json` uses) then scores
+    the matrices `tpas infer` wrote from that `query.json` directly.
+    """
+    qi = r.attrs.get("query_index")
+    if qi is None:
+        return [f"{r.image_id}:{k}" for k in range(len(r.captions))]
+    if len(r.captions) != 1:
+        raise TpasInputError(
+            f"a record with a 'query_index' must hold exactly one caption, found {len(r.captions)}",
+            path,
+            f"record {index} (0-based)",
+        )
+    return [str(qi)]
 
 
 # --------------------------------------------------------------------------------------------------- train annotation
@@ -384,7 +402,7 @@ def read_queries(path: str | Path) -> list[Query]:
         else:
             recs = [_test_record(path, i, r) for i, r in enumerate(data)]
             caps = [c for r in recs for c in r.captions]
-            queries = [Query(q, c) for q, c in zip(annotation_query_ids(recs), caps, strict=True)]
+            queries = [Query(q, c) for q, c in zip(annotation_query_ids(recs, path), caps, strict=True)]
         where = lambda i: f"query {i} (0-based)"  # noqa: E731
     if not queries:
         raise TpasInputError("holds no queries", path)
@@ -482,9 +500,8 @@ def ground_truth_from_records(records: Sequence[TestRecord], path: str | Path | 
             raise TpasInputError("a record has either 'normal' or 'anomaly', not both", path, f"record {i} (0-based)")
         behaviour = "anomaly" if "anomaly" in r.attrs else "normal" if "normal" in r.attrs else ""
         action = r.attrs.get("anomaly", r.attrs.get("normal", ""))
-        extra = {k: v for k, v in r.attrs.items() if k not in ("normal", "anomaly")}
-        for k, cap in enumerate(r.captions):
-            qid = f"{r.image_id}:{k}"
+        extra = {k: v for k, v in r.attrs.items() if k not in ("normal", "anomaly", "query_index")}
+        for qid, cap in zip(record_query_ids(r, i, path), r.captions, strict=True):
             if qid in seen:
                 raise TpasInputError(
                     f"query id {qid!r} repeats record {seen[qid]} (image_id must be unique per record)",

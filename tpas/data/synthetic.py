@@ -35,15 +35,11 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import TpasInputError
-
-if TYPE_CHECKING:
-    from .pab import GroundTruth
 
 Progress = Callable[[int, int], None]
 
@@ -713,26 +709,3 @@ def generate_mini_pab(
         n_gallery=len(test_records) + n_distractors,
         meta={"seed": seed, "image_size": list(size)},
     )
-
-
-def load_masked_ground_truth(path: str | Path) -> GroundTruth:
-    """The name-masked set's ground truth with query ids = `query_index` (the ids of `query.json` and the matrix rows).
-
-    `name-masked_test-set/ground_truth.json` is in the test-annotation format, which `tpas.data.pab.load_ground_truth`
-    reads with ids `"{image_id}:0"`; each record also names its `query_index`, and this reader uses that as the id.
-    """
-    from .pab import ground_truth_from_records, read_test_annotation
-
-    records = read_test_annotation(path)
-    gt = ground_truth_from_records(records, path)
-    rename: dict[str, str] = {}
-    for i, r in enumerate(records):
-        qid = r.attrs.get("query_index")
-        if not qid or len(r.captions) != 1:
-            raise TpasInputError("expected one caption and a 'query_index' per record", path, f"record {i} (0-based)")
-        rename[f"{r.image_id}:0"] = qid
-    gt.query_ids = [rename[q] for q in gt.query_ids]
-    gt.relevant = {rename[q]: g for q, g in gt.relevant.items()}
-    gt.frame = gt.frame.rename(index=rename).drop(columns=["query_index"])
-    gt.frame.index.name = "query_id"
-    return gt
