@@ -18,7 +18,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
-from .reorder import move_to_front, scores_of, top1_collisions, top_candidates
+from .reorder import move_to_front, scores_of, top1_collisions, top_candidates, with_post_step
 
 DEFAULTS: dict[str, Any] = {"k": 10}
 
@@ -88,7 +88,4 @@ def assign(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool
         "unmatched_queries": unmatched,
         "transductive": True,
     }
-    meta = dict(sims.meta)
-    meta["post"] = [*meta.get("post", []), report]
-    meta["transductive"] = True
-    return SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta), report
+    return with_post_step(sims, scores, report), report

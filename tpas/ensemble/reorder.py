@@ -1,4 +1,5 @@
-"""Shared by the post-processing steps that move one candidate to the front of a ranking (SCA, assignment).
+"""Shared by the post-processing steps: moving one candidate to the front of a ranking (SCA, assignment), and the
+output matrix every post step (re-scoring too) returns.
 
 A step changes a ranking, not a model's opinion, so it permutes the scores among each changed row's top-`depth`
 cells: the new first cell takes the row's best score, the others keep their order and take the next scores down.
@@ -17,6 +18,17 @@ from .parallel import map_row_ranges
 def scores_of(m: SimsMatrix) -> torch.Tensor:
     """The dense scores of a matrix (a top-K matrix is densified with its row minimum)."""
     return m.scores if m.is_dense else m.to_dense("row-min")
+
+
+def with_post_step(sims: SimsMatrix, scores: torch.Tensor, report: dict) -> SimsMatrix:
+    """The post-processed matrix: new scores, the step's report appended to `meta.post`, marked transductive.
+
+    Every post step (SCA, assignment, re-scoring) uses the whole query set, so the output always says so.
+    """
+    meta = dict(sims.meta)
+    meta["post"] = [*meta.get("post", []), report]
+    meta["transductive"] = True
+    return SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta)
 
 
 def top1_collisions(first: torch.Tensor, n_cols: int) -> dict[str, int]:

@@ -24,7 +24,7 @@ from ..errors import TpasInputError
 from ..sims import SimsMatrix
 from .fusion import block_rows
 from .parallel import map_row_ranges
-from .reorder import scores_of
+from .reorder import scores_of, with_post_step
 
 RESCORERS: dict[str, Callable[..., torch.Tensor]] = {}
 DEFAULTS: dict[str, Any] = {
@@ -159,7 +159,4 @@ def rescore(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: boo
             f"{p['temperature'] if p['method'] != 'sinkhorn' else p['epsilon']})"
         )
     report = {"step": "rescore", "params": {k: v for k, v in p.items() if v is not None}, "transductive": True}
-    meta = dict(sims.meta)
-    meta["post"] = [*meta.get("post", []), report]
-    meta["transductive"] = True
-    return SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta), report
+    return with_post_step(sims, scores, report), report

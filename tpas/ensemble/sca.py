@@ -23,7 +23,7 @@ import torch
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
 from .parallel import map_row_ranges
-from .reorder import move_to_front, scores_of, top1_collisions, top_candidates
+from .reorder import move_to_front, scores_of, top1_collisions, top_candidates, with_post_step
 
 CONFIDENCES = ("top1", "margin", "softmax")
 DEFAULTS: dict[str, Any] = {
@@ -239,8 +239,4 @@ def resolve_conflicts(
         "rounds": rounds,
         "transductive": True,
     }
-    meta = dict(sims.meta)
-    meta["post"] = [*meta.get("post", []), report]
-    meta["transductive"] = True
-    out = SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta)
-    return out, report
+    return with_post_step(sims, scores, report), report
