@@ -66,9 +66,7 @@ def match_queries(cand: torch.Tensor, cand_scores: torch.Tensor) -> np.ndarray:
 def assign(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool = False):
     """Apply the one-to-one assignment; returns the new matrix and a report (collisions before/after, rows changed)."""
     p = validate(params, "assignment")
-    scores = scores_of(sims)
-    if not (inplace and sims.is_dense):
-        scores = scores.clone()
+    scores = scores_of(sims, inplace)
     q, g = scores.shape
     k = min(int(p["k"]), g)
     cand = top_candidates(scores, k)

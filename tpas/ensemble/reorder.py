@@ -15,9 +15,12 @@ from ..sims import SimsMatrix
 from .parallel import map_row_ranges
 
 
-def scores_of(m: SimsMatrix) -> torch.Tensor:
-    """The dense scores of a matrix (a top-K matrix is densified with its row minimum)."""
-    return m.scores if m.is_dense else m.to_dense("row-min")
+def scores_of(m: SimsMatrix, inplace: bool = False) -> torch.Tensor:
+    """Dense scores to work on: a top-K matrix is densified with its row minimum (always a new tensor); a dense
+    matrix's own tensor is returned when `inplace` (the caller may modify or only read it), else a copy."""
+    if not m.is_dense:
+        return m.to_dense("row-min")
+    return m.scores if inplace else m.scores.clone()
 
 
 def with_post_step(sims: SimsMatrix, scores: torch.Tensor, report: dict) -> SimsMatrix:

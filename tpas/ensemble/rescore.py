@@ -142,16 +142,14 @@ def _sinkhorn(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> 
 def rescore(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool = False):
     """Apply one re-scoring method; returns the new matrix and a report. The meta is marked transductive."""
     p = validate(params, "rescore")
-    scores = scores_of(sims)
-    if not (inplace and sims.is_dense):
-        scores = scores.clone()
+    scores = scores_of(sims, inplace)
     bank = None
     if p["bank"] is not None:
         if p["method"] != "inverted-softmax":
             raise TpasInputError(f"rescore.bank: only inverted-softmax uses a query bank, not {p['method']}")
         bm = SimsMatrix.load(p["bank"])
         bm = bm.align(query_ids=bm.query_ids, gallery_ids=sims.gallery_ids)
-        bank = scores_of(bm)
+        bank = scores_of(bm, inplace=True)  # read only
     RESCORERS[p["method"]](scores, p, bank)
     if not torch.isfinite(scores).all():
         raise TpasInputError(

@@ -173,9 +173,7 @@ def resolve_conflicts(
         inplace: modify `sims.scores` instead of a copy (the ensemble pipeline owns its fused matrix).
     """
     p = validate(params, "sca")
-    scores = scores_of(sims)
-    if not (inplace and sims.is_dense):
-        scores = scores.clone()
+    scores = scores_of(sims, inplace)
     q, g = scores.shape
     depth = min(int(p["depth"]), g)
     # One extra candidate so the margin of the last reorderable slot is defined.

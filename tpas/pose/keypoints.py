@@ -55,13 +55,18 @@ def _person_from_flat(values: Any, path: Path, where: str) -> np.ndarray:
     )
 
 
+def _read_json(path: Path, kind: str) -> Any:
+    """A keypoint file's JSON; one clear error naming the file and the expected format otherwise."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TpasInputError(f"not a readable {kind} keypoint JSON ({e})", path) from None
+
+
 def read_openpose_json(path: str | Path) -> np.ndarray:
     """One OpenPose output file (`{"people": [{"pose_keypoints_2d": [...]}, ...]}`) -> [N, 18, 3]."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TpasInputError(f"not a readable OpenPose keypoint JSON ({e})", path) from None
+    data = _read_json(path, "OpenPose")
     if not isinstance(data, dict) or not isinstance(data.get("people"), list):
         raise TpasInputError('expected an OpenPose object with a "people" list', path)
     people = []
@@ -79,10 +84,7 @@ def read_coco_keypoints(path: str | Path) -> dict[str, np.ndarray]:
     confidence 1, an unlabelled one 0. Images without annotations map to an empty array.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TpasInputError(f"not a readable COCO keypoint JSON ({e})", path) from None
+    data = _read_json(path, "COCO")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise TpasInputError('expected a COCO object with "images" and "annotations" lists', path)
     names: dict[Any, str] = {}
