@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,20 @@ def test_top_k_of_top_k_breaks_ties_by_gallery_not_storage_order():
 
 
 # ------------------------------------------------------------------------------------------------ align / select
+def test_value_range_is_cached_until_the_scores_change():
+    m = SimsMatrix(["a", "b"], ["x", "y"], scores=torch.tensor([[1.0, 2.0], [3.0, -4.0]]))
+    assert [float(v) for v in m.value_range()] == [-4.0, 3.0]
+    assert m.value_range()[0] is m.value_range()[0]  # the validation's pass, reused
+    m.scores[0, 0] = 9.0  # in place
+    assert [float(v) for v in m.value_range()] == [-4.0, 9.0]
+    m.scores = torch.tensor([[0.5, 0.25], [0.0, 1.0]])  # replaced
+    assert [float(v) for v in m.value_range()] == [0.0, 1.0]
+    back = pickle.loads(pickle.dumps(m))
+    assert [float(v) for v in back.value_range()] == [0.0, 1.0]
+    t = SimsMatrix(["a"], ["x", "y", "z"], indices=torch.tensor([[2, 0]]), values=torch.tensor([[0.5, -1.0]]))
+    assert [float(v) for v in t.value_range()] == [-1.0, 0.5]
+
+
 def test_align_reorders_by_id_and_names_differences():
     m = dense()
     other = SimsMatrix(["q2", "q0", "q1"], ["g4", "g3", "g2", "g1", "g0"], scores=torch.zeros(3, 5))

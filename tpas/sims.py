@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class SimsMatrix:
     values: torch.Tensor | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    _range: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.query_ids = [str(q) for q in self.query_ids]
@@ -150,7 +152,7 @@ class SimsMatrix:
 
     def _check_finite(self, t: torch.Tensor, fail: Any) -> None:
         # aminmax propagates NaN and exposes inf in one cheap pass; locate the culprit only when it fails.
-        if t.numel() == 0 or all(math.isfinite(v) for v in (x.item() for x in torch.aminmax(t))):
+        if t.numel() == 0 or all(math.isfinite(v) for v in (x.item() for x in self.value_range())):
             return
         bad_rows = (~torch.isfinite(t)).any(dim=1).nonzero()
         if len(bad_rows):
@@ -158,6 +160,22 @@ class SimsMatrix:
             col = int((~torch.isfinite(t[row])).nonzero()[0])
             what = "gallery id " + repr(self.gallery_ids[col]) if self.scores is not None else f"top-K slot {col}"
             fail(f"non-finite score {t[row, col].item()} at query {self.query_ids[row]!r}, {what}")
+
+    def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of the scores (dense) or of the kept values (top-K), as 0-d tensors.
+
+        Validation computes them anyway, so they are kept: a global min-max normalisation then costs no extra pass
+        over a large matrix. The cache follows the tensor: replacing it or changing it in place recomputes.
+        """
+        t = self.scores if self.scores is not None else self.values
+        cached = self._range
+        if cached is None or cached[0]() is not t or cached[1] != t._version:
+            cached = (weakref.ref(t), t._version, tuple(torch.aminmax(t)))
+            self._range = cached
+        return cached[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_range": None}  # the cache holds a weak reference, which cannot be pickled
 
     # ------------------------------------------------------------------ properties
     @property
@@ -238,13 +256,13 @@ class SimsMatrix:
             query_ids, gallery_ids = other.query_ids, other.gallery_ids
         query_ids = self.query_ids if query_ids is None else [str(q) for q in query_ids]
         gallery_ids = self.gallery_ids if gallery_ids is None else [str(g) for g in gallery_ids]
+        if query_ids == self.query_ids and gallery_ids == self.gallery_ids:
+            return self
         for kind, mine, theirs in (("query", self.query_ids, query_ids), ("gallery", self.gallery_ids, gallery_ids)):
             if len(mine) != len(theirs) or set(mine) != set(theirs):
                 raise TpasInputError(
                     f"{self.source or 'matrix'}: {kind} ids differ ({_first_difference(mine, theirs)})"
                 )
-        if query_ids == self.query_ids and gallery_ids == self.gallery_ids:
-            return self
         return self.select(query_ids, gallery_ids)
 
     def select(self, query_ids: Sequence[str] | None = None, gallery_ids: Sequence[str] | None = None) -> SimsMatrix:
