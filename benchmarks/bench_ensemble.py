@@ -3,7 +3,10 @@
 1,978 queries x 36,773 gallery images (float32): 4 dense matrices + one top-128 ITM matrix, generated once.
 Seed side (re-typed from its description): sentinel-filled ITM matrix, the row-by-row row-min fill loop, one global
 min-max per matrix, the nested combination, a full argsort for the top-10 file.
-tpas side: `fuse` (block-wise, top-K ITM never densified) + `write_ranking_file` (top-k, no sort).
+tpas side: `fuse` (block-wise, top-K ITM never densified) + `write_ranking_file` (top-k, no sort), in both modes:
+`exact` (the presets: the seed's float operations one by one, bit-identical) and the default linear form (one
+multiply-add per input and cell). Global min-max statistics come from the SimsMatrix's validation pass
+(`value_range`), which loading a file or building a matrix performs anyway; both sides start from matrices in memory.
 Also: one tuning trial (fuse + ground-truth ranks + metrics), SCA and one-to-one assignment on the full matrix.
 
     .venv/bin/python benchmarks/bench_ensemble.py [--queries 1978 --gallery 36773 --repeat 3]
@@ -115,7 +118,8 @@ def main() -> None:
     mats = {"itm": SimsMatrix(qids, gids, indices=itm_idx, values=itm_val, source="cmp-itm")}
     for name, x in zip(NAMES[1:], dense, strict=True):
         mats[name] = SimsMatrix(qids, gids, scores=x, source=name)
-    spec = FuseSpec("iterative", NAMES, WEIGHTS)
+    spec = FuseSpec("iterative", NAMES, WEIGHTS, exact=True)
+    linear = FuseSpec("iterative", NAMES, WEIGHTS)
     sentinel = torch.full((q, g), 1000.0).scatter_(1, itm_idx, itm_val)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ens_"))
 
@@ -136,22 +140,30 @@ def main() -> None:
         seed_fuse, seed_file = min(seed_fuse, a), min(seed_file, b)
 
     # tpas
-    def run_ours():
+    def run_ours(spec: FuseSpec, name: str):
         t0 = time.perf_counter()
         fused = fuse(mats, spec)
         t1 = time.perf_counter()
-        write_ranking_file(fused, qids, tmp / "ours.txt")
+        write_ranking_file(fused, qids, tmp / name)
         return t1 - t0, time.perf_counter() - t1, fused
 
-    ours_fuse = ours_file = float("inf")
-    base_rss, _ = rss_mb()
-    reset_peak()
-    for _ in range(args.repeat):
-        ours_fused = None  # free the previous result: the peak is one run's
-        a, b, ours_fused = run_ours()
-        ours_fuse, ours_file = min(ours_fuse, a), min(ours_file, b)
-    _, peak = rss_mb()
-    extra_matrices = (peak - base_rss) / matrix_mb
+    def measure(spec: FuseSpec, name: str):
+        best_fuse = best_file = float("inf")
+        fused = None
+        base_rss, _ = rss_mb()
+        reset_peak()
+        for _ in range(args.repeat):
+            fused = None  # free the previous result: the peak is one run's
+            a, b, fused = run_ours(spec, name)
+            best_fuse, best_file = min(best_fuse, a), min(best_file, b)
+        _, peak = rss_mb()
+        return best_fuse, best_file, fused, (peak - base_rss) / matrix_mb
+
+    ours_fuse, ours_file, ours_fused, extra_matrices = measure(spec, "ours.txt")
+    lin_fuse, lin_file, lin_fused, lin_extra = measure(linear, "linear.txt")
+    lin_diff = float((lin_fused.scores - seed_fused).abs().max())
+    same_lin_file = (tmp / "seed.txt").read_text() == (tmp / "linear.txt").read_text()
+    del lin_fused
 
     def rowpar_file():
         # The same lines through the ensemble's row-parallel top-k (one intra-op thread per worker), for comparison
@@ -171,45 +183,52 @@ def main() -> None:
 
     for name, m in mats.items():
         m.save(tmp / f"{name}.pt")
-    cfg = build_config(
-        {"inputs": {n: f"{n}.pt" for n in NAMES}, "fuse": {"method": "iterative", "order": NAMES, "weights": WEIGHTS}},
-        tmp,
-    )
     gt = GroundTruth(qids, {qids[i]: gids[int(gt_cols[i])] for i in range(q)}, None)
-    ev = Evaluator(cfg, gt)
     rng = np.random.default_rng(0)
-    trial_times = []
-    for _ in range(args.repeat + 2):
-        w = [round(float(v), 3) for v in rng.uniform(0.5, 1.0, size=4)]
-        t0 = time.perf_counter()
-        r = ev.ranks({"fuse.weights": w})
-        metrics_of(r)
-        trial_times.append(time.perf_counter() - t0)
-    trial = min(trial_times[1:])
+
+    def trial_time(exact: bool) -> float:
+        fuse_cfg = {"method": "iterative", "order": NAMES, "weights": WEIGHTS, "exact": exact}
+        ev = Evaluator(build_config({"inputs": {n: f"{n}.pt" for n in NAMES}, "fuse": fuse_cfg}, tmp), gt)
+        times = []
+        for _ in range(args.repeat + 2):
+            w = [round(float(v), 3) for v in rng.uniform(0.5, 1.0, size=4)]
+            t0 = time.perf_counter()
+            metrics_of(ev.ranks({"fuse.weights": w}))
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])  # the first trial also normalises the inputs once
+
+    trial, trial_exact = trial_time(False), trial_time(True)
 
     sca_t, (_, sca_rep) = best_of(lambda: resolve_conflicts(ours_fused, {"confidence": "margin", "depth": 10}), 1)
     asg_t, (_, asg_rep) = best_of(lambda: assign(ours_fused, {"k": 10}), 1)
 
     rows = [
-        ("fusion (in memory)", seed_fuse, ours_fuse),
-        ("top-10 ranking file", seed_file, ours_file),
-        ("fusion + top-10 file", seed_fuse + seed_file, ours_fuse + ours_file),
+        ("fusion (in memory)", seed_fuse, ours_fuse, lin_fuse),
+        ("top-10 ranking file", seed_file, ours_file, lin_file),
+        ("fusion + top-10 file", seed_fuse + seed_file, ours_fuse + ours_file, lin_fuse + lin_file),
     ]
-    print("\n| step | seed (s) | tpas (s) | speed-up |\n| --- | --- | --- | --- |")
-    for name, a, b in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1f}x |")
+    print(
+        "\n| step | seed (s) | tpas exact (s) | speed-up | tpas default (s) | speed-up |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
+    for name, a, b, c in rows:
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1f}x | {c:.3f} | {a / c:.1f}x |")
     print(
         f"(top-10 file through the row-parallel top-k of tpas.ensemble.reorder: {rowpar_t:.3f} s, "
         f"{seed_file / rowpar_t:.1f}x the seed; identical lines: {same_rowpar})"
     )
-    print(f"\nfused scores identical to the seed's: {same}; ranking files identical: {same_file}")
+    print(f"\nexact: fused scores identical to the seed's: {same}; ranking files identical: {same_file}")
     print(
-        f"tpas peak extra memory during fusion + file: {peak - base_rss:.0f} MiB = {extra_matrices:.2f} matrices "
-        f"(the fused output itself is 1 matrix)"
+        f"default (linear form): max |difference| to the seed's fused scores {lin_diff:.2e}; "
+        f"ranking files identical: {same_lin_file}"
+    )
+    print(
+        f"tpas peak extra memory during fusion + file: exact {extra_matrices:.2f}, default {lin_extra:.2f} "
+        "matrices (the fused output itself is 1 matrix)"
     )
     print(
         f"one tuning trial (block-wise fuse + gt ranks + metrics): {trial:.3f} s "
-        f"(1,000 trials ~ {1000 * trial / 60:.1f} min)"
+        f"(1,000 trials ~ {1000 * trial / 60:.1f} min); with fuse.exact: {trial_exact:.3f} s"
     )
     print(
         f"SCA on the full matrix: {sca_t:.3f} s (collisions {sca_rep['collisions_before']} -> "

@@ -72,6 +72,17 @@ def test_preset_equals_seed_formula_exactly(tmp_path, preset, wb, topk_form):
     assert torch.equal(fused.scores, expected)
 
 
+def test_preset_without_exact_agrees_to_a_few_ulp_and_ranks_the_same(tmp_path):
+    paths, (idx, vals, beit3, blip2, clip) = _seed_inputs(tmp_path, q=60, g=400)
+    cfg = load_config(PRESETS / "www25_iterative.yaml", [*_overrides(paths), "fuse.exact=false"])
+    assert cfg.fuse.exact is False
+    fast, _ = run_ensemble(cfg)
+    expected = seed_formula(idx, vals, beit3, blip2, clip, 0.925, 0.9, 0.9)
+    assert not torch.equal(fast.scores, expected)  # really the other code path
+    assert torch.allclose(fast.scores, expected, rtol=0, atol=4e-7)
+    assert torch.equal(fast.scores.topk(10).indices, expected.topk(10).indices)
+
+
 def test_presets_differ_only_in_the_beit3_weight():
     a, b = (load_config(PRESETS / n) for n in ("www25_iterative.yaml", "www25_iterative_as_run.yaml"))
     assert a.fuse.weights == [0.075, 0.9, 0.9] and b.fuse.weights == [0.1, 0.9, 0.9]
@@ -152,6 +163,7 @@ def test_misaligned_ids_are_an_error_naming_them():
         (FuseSpec("iterative", ["a", "nope"], [0.5]), "unknown input 'nope'"),
         (FuseSpec("rrf", ["a", "b"], None, k=-1), "fuse.k"),
         (FuseSpec("rrf", ["a", "b"], None, depth=0), "fuse.depth"),
+        (FuseSpec("iterative", ["a", "b"], [0.5], exact="yes"), "fuse.exact: must be true or false"),
     ],
 )
 def test_bad_fusion_specs(spec, match):
@@ -160,8 +172,9 @@ def test_bad_fusion_specs(spec, match):
         fuse(m, spec)
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["linear", "exact"])
 @pytest.mark.parametrize("norm", [("min-max", "query"), ("zmuv", "query"), ("min-max", "global")])
-def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm):
+def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm, exact):
     from tpas.ensemble import fusion
     from tpas.ensemble.normalize import normalize
 
@@ -170,7 +183,7 @@ def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm):
     a = SimsMatrix(ids("q", q), ids("g", g), scores=torch.randn(q, g, generator=gen))
     b = SimsMatrix(ids("q", q), ids("g", g), scores=torch.randn(q, g, generator=gen))
     t = b.top_k(4)
-    spec = FuseSpec("iterative", ["a", "t", "b"], [0.3, 0.6])
+    spec = FuseSpec("iterative", ["a", "t", "b"], [0.3, 0.6], exact=exact)
     whole = fuse({"a": a, "t": t, "b": b}, spec, norm).scores
     monkeypatch.setattr(fusion, "BLOCK_BYTES", 4 * g * 2)  # 2 rows per block
     monkeypatch.setenv("TPAS_THREADS", "3")
@@ -181,11 +194,35 @@ def test_block_and_worker_splits_do_not_change_results(monkeypatch, norm):
     assert torch.allclose(split, 0.6 * (0.3 * na + 0.7 * nt) + 0.4 * nb, atol=1e-5)
 
 
-def test_mixed_precision_inputs_fuse_in_the_wider_type():
+@pytest.mark.parametrize("method", ["iterative", "wsum"])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        ("min-max", "global"),
+        ("min-max", "query"),
+        ("zmuv", "global"),
+        ("zmuv", "query"),
+        ("rank", "query"),
+        ("none", "global"),
+    ],
+)
+def test_linear_form_equals_exact_operations(method, norm):
+    gen = torch.Generator().manual_seed(5)
+    q, g = 13, 70
+    m = {n: SimsMatrix(ids("q", q), ids("g", g), scores=torch.randn(q, g, generator=gen) * 3 + 1) for n in "abc"}
+    m["t"] = m.pop("c").top_k(6)  # a top-K input in the middle of the order
+    weights = [0.3, 0.6] if method == "iterative" else {"a": 0.2, "t": 0.5, "b": 1.0}
+    specs = [FuseSpec(method, ["a", "t", "b"], weights, exact=e) for e in (True, False)]
+    exact, linear = (fuse(m, s, norm).scores for s in specs)
+    assert torch.allclose(linear, exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["linear", "exact"])
+def test_mixed_precision_inputs_fuse_in_the_wider_type(exact):
     gen = torch.Generator().manual_seed(2)
     a = SimsMatrix(ids("q", 3), ids("g", 5), scores=torch.rand(3, 5, generator=gen).half())
     b = SimsMatrix(ids("q", 3), ids("g", 5), scores=torch.rand(3, 5, generator=gen).double())
-    out = fuse({"a": a, "b": b}, FuseSpec("iterative", ["a", "b"], [0.5]))
+    out = fuse({"a": a, "b": b}, FuseSpec("iterative", ["a", "b"], [0.5], exact=exact))
     assert out.scores.dtype == torch.float64
     want = 0.5 * normalize_mm(a.scores.double()) + 0.5 * normalize_mm(b.scores)
     assert torch.allclose(out.scores, want, atol=1e-3)

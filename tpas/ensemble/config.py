@@ -5,7 +5,7 @@ inputs:                      # name -> SimsMatrix file, or {path, format: sims|t
   cmp_itm: sims_score/cmp.pt
 normalize: {method: min-max, scope: global}
 normalize_per_input: {clip: {method: zmuv}}
-fuse: {method: iterative, order: [cmp_itm, beit3, blip2, clip], weights: [0.075, 0.9, 0.9]}
+fuse: {method: iterative, order: [cmp_itm, beit3, blip2, clip], weights: [0.075, 0.9, 0.9]}  # exact: true = seed's ops
 post: [{sca: {confidence: margin, tau: 0.0, depth: 10}}]
 tune: {space: {fuse.weights.0: {low: 0, high: 0.2, step: 0.005}}}
 ```
@@ -201,9 +201,9 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
             raise TpasInputError(f"normalize_per_input.{name}: unknown input; inputs are {list(inputs)}")
     normalize = {n: _norm_spec(per[n], f"normalize_per_input.{n}", default) if n in per else default for n in inputs}
     fuse_raw = _mapping(raw.get("fuse"), "fuse")
-    bad = set(fuse_raw) - {"method", "order", "weights", "k", "depth"}
+    bad = set(fuse_raw) - {"method", "order", "weights", "k", "depth", "exact"}
     if bad:
-        raise TpasInputError(f"fuse.{sorted(bad)[0]}: unknown key; use method, order, weights, k, depth")
+        raise TpasInputError(f"fuse.{sorted(bad)[0]}: unknown key; use method, order, weights, k, depth, exact")
     order = fuse_raw.get("order", list(inputs))
     if not isinstance(order, list):
         raise TpasInputError("fuse.order: expected a list of input names")
@@ -213,6 +213,7 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         weights=fuse_raw.get("weights"),
         k=fuse_raw.get("k", 60.0),
         depth=fuse_raw.get("depth", 1000),
+        exact=fuse_raw.get("exact", False),
     )
     spec.validate(list(inputs))
     if spec.method == "iterative":

@@ -7,6 +7,10 @@ iterative: s = norm(m_1); s = w_k * s + (1 - w_k) * norm(m_k) for k = 2..n, one 
 from the config. With order [itm, beit3, blip2, clip] and weights [1 - wb, wl, wc] this is, operation for operation,
 the seed's `(((1-wb)*ITM + wb*BEiT3)*wl + (1-wl)*BLIP2)*wc + (1-wc)*CLIP`.
 wsum: s = sum_k w_k * norm(m_k).
+Both are linear in the inputs: the fused cell is sum_k a_k * x_k + b_row, with a_k = (effective weight of k) / (k's
+normalisation scale). By default they run in that form, one multiply-add per input and cell, a top-K input adding only
+its K cells (its fill is a per-row constant folded into b). `exact: true` instead repeats the seed's float operations
+one by one (sub, div, mul, mul, add per input), so a preset is bit-identical to the seed; the two agree to a few ulp.
 rrf: s = sum_k w_k / (k + rank_k), rank over each input's top-`depth` cells (1-based, stable ties); cells beyond
 that depth add nothing. Normalisation does not change ranks, so rrf ignores it.
 """
@@ -23,12 +27,12 @@ import torch
 from ..errors import TpasInputError
 from ..ranking import topk_stable
 from ..sims import SimsMatrix
-from .normalize import AffineParams, affine_params, check_method, normalize
+from .normalize import AffineParams, affine_params, check_method, minmax_params_from_stats, normalize
 from .parallel import map_row_ranges
 from .rerank_fill import FilledTopK
 
 FUSIONS: dict[str, Callable[..., None]] = {}
-BLOCK_BYTES = 512 << 10  # one block of rows ~ 512 KiB: stays in L2 across the per-input passes
+BLOCK_BYTES = 1 << 20  # one block of rows ~ 1 MiB: stays in L2 across the per-input passes
 
 
 def register_fusion(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -88,7 +92,10 @@ def prepare(
     """Wrap an (aligned) SimsMatrix for fusion with its normalisation; a top-K matrix stays top-K."""
     check_method(method, scope, key=f"normalize ({name})")
     if m.is_dense:
-        params = affine_params(m.scores, method, scope)
+        if method == "min-max" and scope == "global" and m.scores.numel():
+            params = minmax_params_from_stats(*m.value_range())  # known since validation: no pass over the matrix
+        else:
+            params = affine_params(m.scores, method, scope)
         if params is None:
             return Prepared(name, dense=normalize(m.scores, method, scope), method=method, scope=scope)
         return Prepared(name, dense=m.scores, params=params, method=method, scope=scope)
@@ -102,13 +109,14 @@ def prepare(
 @dataclass
 class FuseSpec:
     """What to fuse and how: `method`, input `order`, `weights` (list for iterative, {name: w} for wsum/rrf),
-    rrf's `k` and `depth`."""
+    rrf's `k` and `depth`, and `exact` (iterative/wsum: the seed's float operations one by one)."""
 
     method: str = "iterative"
     order: list[str] = field(default_factory=list)
     weights: list[float] | dict[str, float] | None = None
     k: float = 60.0
     depth: int = 1000
+    exact: bool = False
 
     def validate(self, names: Sequence[str] | None = None) -> None:
         """TpasInputError naming the config key for every inconsistency."""
@@ -143,6 +151,8 @@ class FuseSpec:
                 if n not in self.order:
                     raise TpasInputError(f"fuse.weights.{n}: {n!r} is not in fuse.order {self.order}")
                 _check_weight(v, f"fuse.weights.{n}")
+        if not isinstance(self.exact, bool):
+            raise TpasInputError(f"fuse.exact: must be true or false, got {self.exact!r}")
         if self.method == "rrf":
             if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k >= 0:
                 raise TpasInputError(f"fuse.k: must be a number >= 0, got {self.k!r}")
@@ -155,8 +165,8 @@ class FuseSpec:
             return float(self.weights.get(name, 1.0))
         return 1.0
 
-    def effective_weights(self) -> dict[str, float]:
-        """The linear coefficient each input ends up with (iterative/wsum), for reports."""
+    def effective_weights(self, rounded: bool = True) -> dict[str, float]:
+        """The linear coefficient each input ends up with (iterative/wsum); rounded to 12 digits for reports."""
         if self.method == "iterative":
             ws = [float(w) for w in (self.weights or [])]
             out = {}
@@ -164,7 +174,7 @@ class FuseSpec:
                 c = 1.0 if j == 0 else 1.0 - ws[j - 1]
                 for w in ws[j:]:
                     c *= w
-                out[n] = round(c, 12)  # drop float noise such as 0.060750000000000005
+                out[n] = round(c, 12) if rounded else c  # rounding drops noise such as 0.060750000000000005
             return out
         return {n: self.weight_of(n) for n in self.order}
 
@@ -221,10 +231,64 @@ def block_rows(n_cols: int) -> int:
     return max(1, BLOCK_BYTES // max(1, 4 * n_cols))
 
 
-def fuse_rows(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """Fuse rows [start, stop) into `out` [stop - start, G]."""
-    FUSIONS[spec.method](inputs, spec, start, stop, out)
-    return out
+class LinearFusion:
+    """iterative/wsum as one linear map: block = sum_k a_k * x_k + b, the fused rows without per-input passes.
+
+    Coefficients are computed in float64 from the effective weights and each input's normalisation, then applied in
+    the output dtype: a dense input costs one multiply-add per cell; a top-K input adds a_k * fill_k to the row's b
+    and a_k * (value - fill_k) at its K cells.
+    """
+
+    def __init__(self, inputs: Sequence[Prepared], spec: FuseSpec, dtype: torch.dtype):
+        coef = spec.effective_weights(rounded=False)
+        q = inputs[0].shape[0]
+        bias = torch.zeros(q, 1, dtype=torch.float64)
+        self.dense: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores [Q, G], a: 0-d or [Q, 1])
+        self.sparse: list[tuple[torch.Tensor, torch.Tensor]] = []  # (columns [Q, K], a * (value - fill) [Q, K])
+        for p in inputs:
+            shift, scale = (p.params.shift, p.params.scale) if p.params is not None else (0.0, 1.0)
+            a = coef[p.name] / torch.as_tensor(scale, dtype=torch.float64)
+            if p.topk is not None:
+                bias = bias + a * (p.topk.fill.double() - shift)
+                self.sparse.append((p.topk.indices, (a * (p.topk.values.double() - p.topk.fill.double())).to(dtype)))
+            else:
+                bias = bias - a * shift
+                self.dense.append((p.dense, a.to(dtype)))
+        self.bias = bias.to(dtype)
+
+    def __call__(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        rows = slice(start, stop)
+        b = self.bias[rows]
+        if not self.dense:
+            out.copy_(b.expand_as(out))
+        for i, (x, a) in enumerate(self.dense):
+            xa, ar = x[rows], (a if a.ndim == 0 else a[rows])
+            if i == 0:
+                if xa.dtype == out.dtype:
+                    torch.mul(xa, ar, out=out)
+                else:  # a narrower input: widen first, so the product is computed in the output dtype
+                    out.copy_(xa).mul_(ar)
+            elif a.ndim == 0:
+                out.add_(xa, alpha=float(a))
+            else:
+                out.addcmul_(xa, ar)
+        if self.dense:
+            out.add_(b)
+        for cols, v in self.sparse:
+            out.scatter_add_(1, cols[rows], v[rows])
+        return out
+
+
+def fusion_kernel(inputs: Sequence[Prepared], spec: FuseSpec) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+    """`fn(start, stop, out)` writing fused rows [start, stop) into `out` [stop - start, G]."""
+    if spec.method in ("iterative", "wsum") and not spec.exact:
+        return LinearFusion(inputs, spec, fused_dtype(inputs))
+
+    def run(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        FUSIONS[spec.method](inputs, spec, start, stop, out)
+        return out
+
+    return run
 
 
 def fuse_prepared(
@@ -233,6 +297,7 @@ def fuse_prepared(
     """Fuse prepared inputs (in `spec.order`) into one dense [Q, G] tensor, block by block, rows in parallel."""
     q, g = inputs[0].shape
     out = torch.empty(q, g, dtype=fused_dtype(inputs))
+    kernel = fusion_kernel(inputs, spec)
     step = block_rows(g)
     done = [0]
     lock = threading.Lock()
@@ -240,7 +305,7 @@ def fuse_prepared(
     def run(lo: int, hi: int) -> None:
         for start in range(lo, hi, step):
             stop = min(hi, start + step)
-            fuse_rows(inputs, spec, start, stop, out[start:stop])
+            kernel(start, stop, out[start:stop])
             if progress is not None:
                 with lock:
                     done[0] += stop - start
@@ -276,7 +341,12 @@ def fuse(
         prepared.append(prepare(name, m, method, scope, (fill or {}).get(name, "row-min")))
     scores = fuse_prepared(prepared, spec, progress)
     meta = {
-        "fusion": {"method": spec.method, "order": list(spec.order), "weights": _plain(spec.weights)},
+        "fusion": {
+            "method": spec.method,
+            "order": list(spec.order),
+            "weights": _plain(spec.weights),
+            **({"exact": True} if spec.exact else {}),
+        },
         "effective_weights": spec.effective_weights() if spec.method != "rrf" else {},
         "normalize": {p.name: {"method": p.method, "scope": p.scope} for p in prepared},
     }

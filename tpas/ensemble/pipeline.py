@@ -115,7 +115,7 @@ def run_ensemble(cfg: EnsembleConfig, progress: Progress | None = None) -> tuple
     if spec.method == "rrf":
         fuse_rep.update(k=float(spec.k), depth=int(spec.depth), weights=spec.weights or {})
     else:
-        fuse_rep.update(weights=spec.weights, effective_weights=spec.effective_weights())
+        fuse_rep.update(weights=spec.weights, effective_weights=spec.effective_weights(), exact=spec.exact)
     fuse_rep["seconds"] = round(time.perf_counter() - t0, 4)
     steps.append(fuse_rep)
     ref = matrices[spec.order[0]]
