@@ -15,7 +15,9 @@ Also: one tuning trial (fuse + ground-truth ranks + metrics), SCA and one-to-one
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +124,7 @@ def main() -> None:
     linear = FuseSpec("iterative", NAMES, WEIGHTS)
     sentinel = torch.full((q, g), 1000.0).scatter_(1, itm_idx, itm_val)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ens_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the matrices saved there are GBs
 
     # seed
     def run_seed():

@@ -13,9 +13,11 @@ that step's extra memory; the matrix itself is 1,978 x 36,773 x 4 B = 291 MB.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +110,7 @@ def measure(step: str, fp16: bool, repeat: int) -> dict:
     scores, gt = make_matrix(fp16)
     qids, gids = ids()
     tmp = Path(tempfile.mkdtemp(prefix="bench_pp_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the matrices saved there are GBs
     if step in ("tpas_evaluate", "tpas_file", "load", "bare_load"):
         sims = SimsMatrix(qids, gids, scores=scores, source="bench")
     if step == "tpas_evaluate":
