@@ -147,6 +147,29 @@ def test_worker_processes_give_the_same_matrix(tiny_gallery: TinyGallery, tiny_c
     assert sorted(p.name for p in out.iterdir()) == ["a.pt", "b.pt"]  # --no-cache leaves no feature store
 
 
+def test_no_cache_removes_stores_of_dead_runs_only(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    import os
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # a pid that no longer exists
+    host = os.uname().nodename
+    owners = {"dead": f"{host} {done.pid}", "live": f"{host} {os.getpid()}", "other-host": f"elsewhere {done.pid}"}
+    out = tmp_path / "out"
+    for name, owner in owners.items():
+        (out / f".a.pt.features-{name}").mkdir(parents=True)
+        (out / f".a.pt.features-{name}" / "owner.txt").write_text(owner)
+    (out / ".a.pt.features-unmarked").mkdir()
+    (out / ".b.pt.features-x").mkdir()  # another output's store
+    (out / ".b.pt.features-x" / "owner.txt").write_text(owners["dead"])
+    infer(_clip(tiny_clip_checkpoint), tiny_gallery.images, tiny_gallery.queries, out / "a.pt", batch_size=4,
+          num_workers=0, use_cache=False)  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".a.pt.features-live", ".a.pt.features-other-host", ".a.pt.features-unmarked", ".b.pt.features-x", "a.pt"
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- cache and resume
 class _Kill(Exception):
     pass

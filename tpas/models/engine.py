@@ -220,6 +220,40 @@ def _loader_iter(loader: torch.utils.data.DataLoader[Any]) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the engine
+_OWNER = "owner.txt"
+
+
+def private_store(out: Path) -> Path:
+    """A new `--no-cache` feature store `.<out name>.features-*` beside `out`, marked with its owner (host, pid).
+
+    A run killed hard (SIGKILL, SIGTERM, a lost node) cannot remove its store; such leftovers of `out` are removed
+    here first: those of this host whose owner process no longer exists. Stores of live or other-host runs stay.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.features-"
+    host = os.uname().nodename
+    for old in out.parent.glob(prefix + "*"):
+        try:
+            owner_host, pid = (old / _OWNER).read_text(encoding="utf-8").split()
+            if owner_host == host and not _process_exists(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no readable owner (being created, or not ours): leave it
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    (path / _OWNER).write_text(f"{host} {os.getpid()}", encoding="utf-8")
+    return path
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 def infer(
     model: RetrievalModel,
     images_dir: str | Path,
@@ -307,8 +341,7 @@ def infer(
             # A private store beside the output (it may be large: match states), shared by all ranks, removed after.
             name = None
             if dist.rank == 0:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                name = tempfile.mkdtemp(prefix=f".{out.name}.features-", dir=out.parent)
+                name = str(private_store(out))
             tmp_store = Path(dist.broadcast(name))
             root = tmp_store
         key = {
