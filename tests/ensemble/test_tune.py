@@ -105,6 +105,32 @@ def test_outputs_same_schema_report_and_csv(planted, tmp_path):
     assert yaml.safe_load(out_yaml.read_text())["fuse"]["weights"] == [W_TRUE]
 
 
+def test_exact_config_is_tuned_in_the_linear_form_and_keeps_exact(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    qi, gi = ids("q", 40), ids("g", 90)
+    for n in ("a", "b"):
+        save(SimsMatrix(qi, gi, scores=torch.randn(40, 90, generator=gen)), tmp_path / f"{n}.pt")
+    path = write_config(tmp_path / "c.yaml", {
+        "inputs": {"a": "a.pt", "b": "b.pt"},
+        "fuse": {"method": "iterative", "order": ["a", "b"], "weights": [0.5], "exact": True},
+        "tune": {"space": {"fuse.weights.0": [0.2, 0.5, 0.7]}},
+    })  # fmt: skip
+    cfg = load_config(path)
+    gt = GroundTruth(qi, {q: gi[(3 * i) % 90] for i, q in enumerate(qi)}, None)
+    res = tune(cfg, gt, search="grid")
+    from tpas.ensemble.pipeline import run_ensemble
+    from tpas.ensemble.tune import metrics_of
+    from tpas.ranking import gt_ranks
+
+    best = load_config(path, [f"fuse.weights=[{res.params['fuse.weights.0']}]"])
+    fused, _ = run_ensemble(best)  # exact float operations, as `tpas ensemble` runs the tuned config
+    assert fused.meta["ensemble"]["config"]["fuse"]["exact"] is True
+    cols = torch.tensor([(3 * i) % 90 for i in range(40)])
+    assert metrics_of(gt_ranks(fused.scores, cols)) == pytest.approx(res.best.metrics, abs=1e-9)
+    out_yaml, _, _ = write_outputs(res, cfg, tmp_path / "tuned.yaml")
+    assert load_config(out_yaml).fuse.exact is True
+
+
 def test_tuning_with_post_steps_and_categorical_keys(planted):
     cfg_path, gt = planted
     cfg = load_config(
