@@ -92,6 +92,11 @@ def test_quick_demo_leaves_every_artefact_valid_and_reruns(tmp_path: Path, capsy
     metrics = json.loads((tmp_path / "runs" / "demo" / "metrics" / "ensemble.json").read_text())
     assert set(metrics) >= {"R@1", "R@5", "R@10", "mAP"}
     assert "ensemble" in out and "best single" in out and f"{metrics['R@1']:.2f}" in out
+    # The ensemble was tested against the best single matrix; its p-values are printed with the gains.
+    compared = json.loads((tmp_path / "runs" / "demo" / "metrics" / "compare.json").read_text())
+    (result,) = compared.values()
+    assert set(result["metrics"]) == {"R@1", "R@5", "R@10", "mAP"} and result["baseline"].startswith("test_cmp_")
+    assert all(0 < v["p_value"] <= 1 for v in result["metrics"].values()) and "(p=" in out
 
     # Re-running reuses the mini-PAB and both trained models, and leaves valid artefacts again.
     t1 = time.perf_counter()

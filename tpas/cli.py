@@ -117,6 +117,68 @@ def evaluate_cmd(
             console.print(f"wrote {path}", highlight=False)
 
 
+@app.command("compare")
+def compare_cmd(
+    baseline: Annotated[Path, typer.Argument(help="SimsMatrix file of the baseline system.")],
+    models: Annotated[list[Path], typer.Argument(help="SimsMatrix files to compare with the baseline.")],
+    gt: Annotated[Path, typer.Option("--gt", help="Test annotation with the ground truth (attr.json / ucc.json).")],
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: R@1,R@5,R@10,mAP,mINP,mAP@10.")] = (
+        "R@1,R@5,R@10,mAP"
+    ),
+    resamples: Annotated[int, typer.Option(help="Randomization and bootstrap resamples.")] = 10_000,
+    confidence: Annotated[float, typer.Option(help="Confidence level of the bootstrap interval.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every comparison table as JSON.")] = None,
+    ties: Annotated[str, typer.Option("--ties", help=_TIES_HELP)] = "stable",
+    match: Annotated[
+        str, typer.Option("--match", help="Relevant images: image (PAB protocol) | identity (same image_id).")
+    ] = "image",
+) -> None:
+    """Is a system really better than a baseline? Per metric: the difference, its bootstrap confidence interval and
+    the p-value of a paired randomization test over queries."""
+    import json as _json
+
+    from rich.table import Table
+
+    from .data.pab import load_ground_truth
+    from .scoring import evaluate
+    from .scoring.compare import compare_evaluations
+    from .sims import SimsMatrix, atomic_write
+
+    ties = _choice(ties, ("stable", "optimistic", "pessimistic"), "--ties")
+    match = _choice(match, ("image", "identity"), "--match")
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    if len({baseline.name, *(m.name for m in models)}) != len(models) + 1:
+        raise TpasInputError("compare distinct files: a file is given twice (or two share a name)")
+    truth = load_ground_truth(existing_file(gt))
+    base_ev = evaluate(SimsMatrix.load(existing_file(baseline)), truth, ties=ties, match=match)
+    out = {}
+    for path in models:
+        ev = evaluate(SimsMatrix.load(existing_file(path)), truth, ties=ties, match=match)
+        cmp = compare_evaluations(ev, base_ev, names, resamples=resamples, confidence=confidence, seed=seed)
+        level = f"{100 * cmp.confidence:g}%"
+        table = Table(title=f"{path.name} vs {baseline.name} ({cmp.n_queries} queries, {cmp.resamples} resamples)")
+        for col in ("metric", "baseline", "model", "diff", f"{level} CI", "p"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for m, r in cmp.table.iterrows():
+            style = "bold" if r["p_value"] < 0.05 else None
+            table.add_row(str(m), f"{r['baseline']:.2f}", f"{r['model']:.2f}", f"{r['diff']:+.2f}",
+                          f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]", f"{r['p_value']:.4f}", style=style)  # fmt: skip
+        console.print(table)
+        out[path.name] = {
+            "baseline": baseline.name,
+            "queries": cmp.n_queries,
+            "resamples": cmp.resamples,
+            "confidence": cmp.confidence,
+            "seed": cmp.seed,
+            "metrics": cmp.table.to_dict("index"),
+        }
+    console.print("diff and CI in percentage points; p: two-sided paired randomization test (bold: p < 0.05)")
+    if json_out is not None:
+        atomic_write(json_out, lambda tmp: tmp.write_text(_json.dumps(out, indent=2) + "\n"))
+        console.print(f"wrote {json_out}", highlight=False)
+
+
 @app.command("submit")
 def submit_cmd(
     sims: Annotated[Path, typer.Argument(help="SimsMatrix file (.pt) whose rows are the name-masked queries.")],
@@ -771,7 +833,7 @@ def demo_cmd(
     gain = res.ensemble_gain
     console.print(
         f"ensemble vs best single model ({res.best_single}): "
-        + ", ".join(f"{m} {v:+.2f}" for m, v in gain.items()),
+        + ", ".join(f"{m} {v:+.2f} (p={res.p_values[m]:.2f})" for m, v in gain.items()),
         highlight=False,
     )
     console.print(

@@ -10,6 +10,7 @@ Every step is a real `tpas` command, run in order with the arguments a user woul
 4. `tpas tune`           the fusion weights on the validation split (never on test), K-fold cross-validated;
 5. `tpas ensemble`       the tuned config applied to the test split and to the name-masked set (`--set inputs.X=...`);
 6. `tpas evaluate`       every model and the ensemble on the test split (`--json`), which gives the demo's table;
+   `tpas compare`        the ensemble against the best single matrix, query by query (is the gain beyond noise?);
 7. `tpas submit`, `tpas validate`   the leaderboard file of the name-masked set;
 8. `tpas report`         the HTML page of every model's top-5 per test query.
 
@@ -178,6 +179,7 @@ class DemoResult:
     tuned_config: Path
     sims: list[Path]
     steps: list[tuple[str, float, bool]] = field(default_factory=list)  # (title, seconds, reused)
+    p_values: dict[str, float] = field(default_factory=dict)  # ensemble vs best single, paired randomization test
 
     @property
     def ensemble_gain(self) -> dict[str, float]:
@@ -557,7 +559,7 @@ def run_demo(
             key = step.reuse_key
             reused = key is not None and state.get(key) == list(step.argv) and all(p.is_file() for p in step.outputs)
             if progress is not None:
-                progress(i + j, len(steps), step, reused)
+                progress(i + j, len(steps) + 1, step, reused)
             if reused:
                 timings.append((step.title, 0.0, True))
                 continue
@@ -596,12 +598,29 @@ def run_demo(
         rows[name] = {m: float(metrics[m]) for m in METRICS}
     table = pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)]
     singles = table.drop(index="ensemble")
-    best = singles.sort_values(["R@1", "mAP"], ascending=False).index[0]
+    best = str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
+    # Only now is the best single matrix known: test the ensemble against it, query by query.
+    files = {**_matrices(lay, sz, "test"), "ensemble": lay.matrix("test", "ensemble")}
+    compare_json = lay.metrics / "compare.json"
+    step = Step(
+        f"is the ensemble better than {best} beyond noise? (paired randomization test)",
+        ("compare", str(files[best]), str(files["ensemble"]), "--gt", str(lay.splits["test"][1]),
+         "--metrics", ",".join(METRICS), "--seed", str(seed), "--json", str(compare_json)),
+        (compare_json,),
+    )  # fmt: skip
+    if progress is not None:
+        progress(len(steps), len(steps) + 1, step, False)
+    t0 = time.perf_counter()
+    run_command(list(step.argv))
+    timings.append((step.title, time.perf_counter() - t0, False))
+    (result,) = json.loads(compare_json.read_text(encoding="utf-8")).values()
+    p_values = {m: float(v["p_value"]) for m, v in result["metrics"].items()}
     return DemoResult(
         root=lay.root,
         table=table,
         ensemble="ensemble",
-        best_single=str(best),
+        best_single=best,
+        p_values=p_values,
         answer=lay.answer,
         report=lay.report,
         tuned_config=lay.tuned,
