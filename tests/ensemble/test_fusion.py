@@ -226,6 +226,11 @@ def test_mixed_precision_inputs_fuse_in_the_wider_type(exact):
     assert out.scores.dtype == torch.float64
     want = 0.5 * normalize_mm(a.scores.double()) + 0.5 * normalize_mm(b.scores)
     assert torch.allclose(out.scores, want, atol=1e-3)
+    # A float32 top-K (ITM) input first, fused into the float64 output.
+    t = SimsMatrix(ids("q", 3), ids("g", 5), scores=torch.rand(3, 5, generator=gen)).top_k(2)
+    out = fuse({"t": t, "b": b}, FuseSpec("iterative", ["t", "b"], [0.5], exact=exact))
+    want = 0.5 * normalize_mm(t.to_dense("row-min").double()) + 0.5 * normalize_mm(b.scores)
+    assert out.scores.dtype == torch.float64 and torch.allclose(out.scores, want, atol=1e-6)
 
 
 def normalize_mm(x):

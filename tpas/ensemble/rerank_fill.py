@@ -79,7 +79,7 @@ class FilledTopK:
         if out is None:
             out = torch.empty(b, self.n_cols, dtype=self.values.dtype)
         out.copy_(fill.expand(b, self.n_cols))
-        out.scatter_(1, self.indices[start:stop], vals)
+        out.scatter_(1, self.indices[start:stop], vals.to(out.dtype))  # `out` may be wider (mixed-precision fusion)
         return out
 
     def dense(self) -> torch.Tensor:
