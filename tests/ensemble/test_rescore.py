@@ -1,4 +1,5 @@
-"""Re-scoring: dual softmax, inverted softmax with and without a query bank, Sinkhorn; all marked transductive."""
+"""Re-scoring: dual softmax, inverted softmax with and without a query bank, QB-Norm (dynamic), Sinkhorn; all
+transductive."""
 
 from __future__ import annotations
 
@@ -29,8 +30,23 @@ def test_inverted_softmax_without_and_with_bank(tmp_path):
     assert torch.allclose(out.scores, S / 0.5 - torch.logsumexp(S / 0.5, dim=0), atol=1e-5)
     bank = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]])
     bank_path = save(SimsMatrix(["b0", "b1"], ["g2", "g0", "g1"], scores=bank[:, [2, 0, 1]]), tmp_path / "bank.pt")
-    out, _ = rescore(_m(), {"method": "qb-norm", "temperature": 0.5, "bank": str(bank_path)})
+    out, _ = rescore(_m(), {"method": "inverted-softmax", "temperature": 0.5, "bank": str(bank_path)})
     assert torch.allclose(out.scores, S / 0.5 - torch.logsumexp(bank / 0.5, dim=0), atol=1e-5)
+
+
+def test_qb_norm_normalises_only_queries_whose_top1_is_a_bank_hub(tmp_path):
+    # Bank queries both retrieve g0 first: the activation set is {g0}. Queries 0 and 1 (top-1 g0) are normalised,
+    # queries 2 and 3 (top-1 g1, g2) keep their scores.
+    bank = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]])
+    bank_path = save(SimsMatrix(["b0", "b1"], ["g2", "g0", "g1"], scores=bank[:, [2, 0, 1]]), tmp_path / "bank.pt")
+    out, rep = rescore(_m(), {"method": "qb-norm", "temperature": 0.5, "bank": str(bank_path)})
+    inverted = S / 0.5 - torch.logsumexp(bank / 0.5, dim=0)
+    assert torch.allclose(out.scores[:2], inverted[:2], atol=1e-5) and torch.equal(out.scores[2:], S[2:])
+    assert rep["activation_set"] == 1 and rep["rows_normalised"] == 2 and out.meta["transductive"] is True
+    # Without a bank the test queries are the bank: every query's top-1 is active, so it is the inverted softmax.
+    plain, rep = rescore(_m(), {"method": "qb-norm", "temperature": 0.5})
+    assert torch.equal(plain.scores, rescore(_m(), {"method": "inverted-softmax", "temperature": 0.5})[0].scores)
+    assert rep["rows_normalised"] == 4
 
 
 def test_sinkhorn_balances_rows_and_columns():
@@ -47,7 +63,7 @@ def test_sinkhorn_balances_rows_and_columns():
     [
         ({"method": "softmax3"}, "rescore.method"),
         ({"temperature": 0}, "rescore.temperature"),
-        ({"method": "dual-softmax", "bank": "x.pt"}, "only inverted-softmax uses a query bank"),
+        ({"method": "dual-softmax", "bank": "x.pt"}, "only inverted-softmax and qb-norm use a query bank"),
     ],
 )
 def test_bad_parameters(params, match):

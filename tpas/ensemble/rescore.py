@@ -5,8 +5,11 @@ that many queries like is made less attractive to all of them. Challenge rules t
 jointly forbid these steps; the output's meta says `transductive: true` so a file's provenance is never in doubt.
 
 - dual-softmax: S * softmax(S / T) over queries (dim 0).
-- inverted-softmax (alias qb-norm): log of exp(S / T) / sum_b exp(B_b / T), where B is a query bank [Nb, G]
-  (another matrix over the same gallery, e.g. training captions) or, without a bank, the test queries themselves.
+- inverted-softmax: log of exp(S / T) / sum_b exp(B_b / T), where B is a query bank [Nb, G] (another matrix over the
+  same gallery, e.g. training captions) or, without a bank, the test queries themselves.
+- qb-norm: QB-Norm's dynamic inverted softmax (Bogolin et al., CVPR'22). The activation set is every gallery image that
+  is some bank query's top-1; a query whose own top-1 is in that set (a likely hub) gets the inverted softmax, every
+  other query keeps its scores. Its report counts the rows normalised.
 - sinkhorn: log of the doubly balanced transport plan of exp(S / epsilon) (uniform marginals, `iterations` rounds).
 Every pass runs over blocks of rows, so the extra memory is a few blocks, not a matrix.
 """
@@ -24,7 +27,7 @@ from ..errors import TpasInputError
 from ..sims import SimsMatrix
 from .fusion import block_rows
 from .parallel import map_row_ranges
-from .reorder import scores_of, with_post_step
+from .reorder import scores_of, top_candidates, with_post_step
 
 RESCORERS: dict[str, Callable[..., torch.Tensor]] = {}
 DEFAULTS: dict[str, Any] = {
@@ -34,11 +37,12 @@ DEFAULTS: dict[str, Any] = {
     "epsilon": 0.05,
     "iterations": 10,
 }
-ALIASES = {"qb-norm": "inverted-softmax"}
+ALIASES: dict[str, str] = {}
 
 
 def register_rescorer(name: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register `fn(scores [Q, G] (modified in place), params, bank) -> scores` under `name`."""
+    """Register `fn(scores [Q, G] (modified in place), params, bank) -> scores` (or `(scores, stats)`, a dict added to
+    the step's report) under `name`."""
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         RESCORERS[name] = fn
@@ -118,6 +122,20 @@ def _inverted_softmax(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | N
     return s
 
 
+@register_rescorer("qb-norm")
+def _qb_norm(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, int]]:
+    inv_t = 1.0 / float(p["temperature"])
+    src = bank if bank is not None else s
+    active = torch.zeros(s.shape[1], dtype=torch.bool)
+    active[top_candidates(src, 1)[:, 0]] = True  # before `s` changes: it may be the bank itself
+    hub_rows = active[top_candidates(s, 1)[:, 0]]
+    lse = _column_logsumexp(src, inv_t)
+    _rows_inplace(
+        s, lambda b, i, j: torch.where(hub_rows[i:j, None], (b.double() * inv_t - lse).to(s.dtype), b)
+    )
+    return s, {"activation_set": int(active.sum()), "rows_normalised": int(hub_rows.sum())}
+
+
 @register_rescorer("sinkhorn")
 def _sinkhorn(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> torch.Tensor:
     q, g = s.shape
@@ -145,16 +163,17 @@ def rescore(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: boo
     scores = scores_of(sims, inplace)
     bank = None
     if p["bank"] is not None:
-        if p["method"] != "inverted-softmax":
-            raise TpasInputError(f"rescore.bank: only inverted-softmax uses a query bank, not {p['method']}")
+        if p["method"] not in ("inverted-softmax", "qb-norm"):
+            raise TpasInputError(f"rescore.bank: only inverted-softmax and qb-norm use a query bank, not {p['method']}")
         bm = SimsMatrix.load(p["bank"])
         bm = bm.align(query_ids=bm.query_ids, gallery_ids=sims.gallery_ids)
         bank = scores_of(bm, inplace=True)  # read only
-    RESCORERS[p["method"]](scores, p, bank)
+    result = RESCORERS[p["method"]](scores, p, bank)
+    stats = result[1] if isinstance(result, tuple) else {}
     if not torch.isfinite(scores).all():
         raise TpasInputError(
             f"rescore.{p['method']}: scores overflowed; raise the temperature/epsilon (now "
             f"{p['temperature'] if p['method'] != 'sinkhorn' else p['epsilon']})"
         )
-    report = {"step": "rescore", "params": {k: v for k, v in p.items() if v is not None}, "transductive": True}
+    report = {"step": "rescore", "params": {k: v for k, v in p.items() if v is not None}, **stats, "transductive": True}
     return with_post_step(sims, scores, report), report
