@@ -10,7 +10,9 @@ wsum: s = sum_k w_k * norm(m_k).
 Both are linear in the inputs: the fused cell is sum_k a_k * x_k + b_row, with a_k = (effective weight of k) / (k's
 normalisation scale). By default they run in that form, one multiply-add per input and cell, a top-K input adding only
 its K cells (its fill is a per-row constant folded into b). `exact: true` instead repeats the seed's float operations
-one by one (sub, div, mul, mul, add per input), so a preset is bit-identical to the seed; the two agree to a few ulp.
+one by one (sub, div, mul, mul, add per input), so a preset is bit-identical to the seed. The two agree to a few ulp
+of the largest term a_k * x_k, which exceeds the result when an input's shift is large against its scale (z-scored
+scores far from zero): 2.4e-6 for scores 0.3 +- 0.02, against 3e-7 on uniform scores.
 rrf: s = sum_k w_k / (k + rank_k), rank over each input's top-`depth` cells (1-based, stable ties); cells beyond
 that depth add nothing. Normalisation does not change ranks, so rrf ignores it.
 """
