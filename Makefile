@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torchvision's PyPI wheel must match torch exactly; pin both so pip never swaps torch for another build.
-TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
+# torchvision's wheel must be built for the same torch; pin a pair whose wheels belong together (both are CUDA
+# builds that also run on the CPU) so pip never swaps torch for another build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCHSCALE_SPEC ?= torchscale==0.3.0
 
 .PHONY: setup demo test lint bench clean

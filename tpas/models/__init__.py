@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .._compat import ensure_torchvision_importable
-
-ensure_torchvision_importable()
-
-from .base import RetrievalModel, get_model_class, list_models, load_model, register  # noqa: E402
+from .base import RetrievalModel, get_model_class, list_models, load_model, register
 
 # Family modules register themselves on import; importing them lazily keeps `tpas --help` fast.
 _FAMILY_MODULES = ("clip", "blip2", "beit3", "cmp")

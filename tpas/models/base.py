@@ -8,6 +8,7 @@ families with a matching head, re-scores each query's top-k with `match`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,27 @@ from ..errors import TpasInputError
 Features = dict[str, torch.Tensor]
 """Per-item tensors, all with the item axis first. `embed` is what `similarity` consumes ([N, D] or [N, T, D]);
 any other key holds states that `match` needs (e.g. image tokens for a cross encoder)."""
+
+
+
+@dataclass(frozen=True)
+class FamilyOption:
+    """One `tpas infer FAMILY` option that a family declares in its own module.
+
+    `name` is the Python keyword `from_checkpoint` receives (`max_pixels`), shown as `--max-pixels`; `type` is one
+    of str, int, float, bool (a flag) or Path; `choices`, when given, are the only accepted values.
+    """
+
+    name: str
+    type: type = str
+    help: str = ""
+    default: Any = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        """The command-line spelling: `--max-pixels`."""
+        return "--" + self.name.replace("_", "-")
 
 
 class RetrievalModel(torch.nn.Module):

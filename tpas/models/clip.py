@@ -41,9 +41,6 @@ _OPENAI_FP32_PROBE = "ln_final.weight"
 
 
 def _oc() -> Any:
-    from .._compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
     import open_clip
 
     return open_clip

@@ -6,8 +6,8 @@ Weights are always a local file the user provides; nothing is downloaded.
 Built-in backend `keypointrcnn` (torchvision's Keypoint R-CNN, ResNet-50 FPN, COCO person keypoints):
 weights file `keypointrcnn_resnet50_fpn_coco-fc266e95.pth` (torchvision's
 `KeypointRCNN_ResNet50_FPN_Weights.COCO_V1`, from download.pytorch.org/models/). It needs torchvision's compiled
-detection ops (roi_align, nms); a CPU-only torch beside PyPI's CUDA torchvision wheel cannot load them (see
-`tpas._compat`), so there the backend reports that and precomputed keypoints (`--keypoints`) are the way.
+detection ops (roi_align, nms); when they cannot load (a torchvision built for another torch), the backend says so
+and precomputed keypoints (`--keypoints`) are the way.
 Other detectors (OpenPose itself, MMPose, ...) plug in with `register_detector`.
 """
 
@@ -80,9 +80,6 @@ class KeypointRCNNDetector:
     ) -> None:
         import torch
 
-        from .._compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()
         try:
             from torchvision.models.detection import keypointrcnn_resnet50_fpn
 

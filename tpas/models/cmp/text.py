@@ -61,9 +61,6 @@ class CMPTokenizer:
     """
 
     def __init__(self, vocab_path: str | Path, max_tokens: int = 56, max_words: int = 56) -> None:
-        from ... import _compat
-
-        _compat.ensure_torchvision_importable()
         self.vocab_path = Path(vocab_path)
         self.max_tokens = max_tokens
         self.max_words = max_words
