@@ -524,9 +524,7 @@ class _RichInferProgress:
     def __call__(self, ev: object) -> None:
         unit = {"images": "img/s", "texts": "queries/s", "rerank": "pairs/s"}.get(ev.stage, "/s")
         if ev.stage not in self.tasks:
-            self.tasks[ev.stage] = self.progress.add_task(
-                self._labels.get(ev.stage, ev.stage), total=ev.total, rate=""
-            )
+            self.tasks[ev.stage] = self.progress.add_task(self._labels.get(ev.stage, ev.stage), total=ev.total, rate="")
         extra = f"{ev.rate:,.1f} {unit}" + (f" ({ev.cached} cached)" if ev.cached else "")
         self.progress.update(self.tasks[ev.stage], completed=ev.done, total=ev.total, rate=extra)
 
@@ -709,8 +707,17 @@ def tune_cmd(
             shown = "-" if best is None else f"{best:.3f}"
             bar.update(task, description=stage, completed=done, total=total, best=shown)
 
-        result = tune(cfg, truth, metric=metric or None, search=search, trials=trials, step=step, folds=folds,
-                      seed=seed, progress=report)
+        result = tune(
+            cfg,
+            truth,
+            metric=metric or None,
+            search=search,
+            trials=trials,
+            step=step,
+            folds=folds,
+            seed=seed,
+            progress=report,
+        )
     paths = write_outputs(result, cfg, out)
     console.print(result.summary(), highlight=False, soft_wrap=True)
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)

@@ -75,9 +75,7 @@ class ToyMatchModel(RetrievalModel):
         return {"embed": e, "tokens": e[:, None, :] * torch.arange(1.0, 5.0)[None, :, None] / 2.5}
 
     def encode_texts(self, tokens: Features) -> Features:
-        counts = torch.zeros(len(tokens["input_ids"]), 97).scatter_add_(
-            1, tokens["input_ids"], tokens["mask"].float()
-        )
+        counts = torch.zeros(len(tokens["input_ids"]), 97).scatter_add_(1, tokens["input_ids"], tokens["mask"].float())
         return {"embed": torch.nn.functional.normalize(counts @ self.txt, dim=-1)}
 
     def match(self, text: Features, image: Features) -> torch.Tensor:
@@ -484,8 +482,22 @@ def test_torchrun_two_ranks_equal_single_process(tiny_gallery: TinyGallery, tiny
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.fail("torchrun is not installed beside this python")
-    args = ["infer", "clip", "--images", str(tiny_gallery.images), "--queries", str(tiny_gallery.queries),
-            "--checkpoint", str(tiny_clip_checkpoint), "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    args = [
+        "infer",
+        "clip",
+        "--images",
+        str(tiny_gallery.images),
+        "--queries",
+        str(tiny_gallery.queries),
+        "--checkpoint",
+        str(tiny_clip_checkpoint),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     single = tmp_path / "single.pt"
     r = CliRunner().invoke(app, [*args, "--out", str(single), "--no-cache"])
     assert r.exit_code == 0, r.output

@@ -130,9 +130,7 @@ def _qb_norm(s: torch.Tensor, p: dict[str, Any], bank: torch.Tensor | None) -> t
     active[top_candidates(src, 1)[:, 0]] = True  # before `s` changes: it may be the bank itself
     hub_rows = active[top_candidates(s, 1)[:, 0]]
     lse = _column_logsumexp(src, inv_t)
-    _rows_inplace(
-        s, lambda b, i, j: torch.where(hub_rows[i:j, None], (b.double() * inv_t - lse).to(s.dtype), b)
-    )
+    _rows_inplace(s, lambda b, i, j: torch.where(hub_rows[i:j, None], (b.double() * inv_t - lse).to(s.dtype), b))
     return s, {"activation_set": int(active.sum()), "rows_normalised": int(hub_rows.sum())}
 
 

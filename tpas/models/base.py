@@ -22,7 +22,6 @@ Features = dict[str, torch.Tensor]
 any other key holds states that `match` needs (e.g. image tokens for a cross encoder)."""
 
 
-
 @dataclass(frozen=True)
 class FamilyOption:
     """One `tpas infer FAMILY` option that a family declares in its own module.
