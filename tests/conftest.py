@@ -13,6 +13,15 @@ from tpas.data.pab import GroundTruth, load_ground_truth
 from tpas.sims import SimsMatrix
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The suite runs on small shared machines: one intra-op thread everywhere (tests that need more set it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class TinyGT:
     """A tiny test annotation and a matching similarity matrix written under tmp_path."""

@@ -16,7 +16,6 @@ from tpas.data.pab import read_query_index
 from tpas.scoring import evaluate
 from tpas.sims import FORMAT, SimsMatrix
 
-torch.set_num_threads(1)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "aicity26"
 
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import typer.main
 
 from tpas.cli import app, main
@@ -52,7 +51,6 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_quick_demo_leaves_every_artefact_valid_and_reruns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     code, out = _run(capsys, "demo", "--quick", "--root", tmp_path)
     first_run = time.perf_counter() - t0

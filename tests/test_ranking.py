@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 import tpas.ranking as ranking
 from tpas.ranking import Ties, gt_ranks, relevant_ranks, topk_relevant_ranks, topk_stable
 
-torch.set_num_threads(1)
-
 
 def brute_positions(row: list[float], relevant: set[int], ties: Ties) -> dict[int, int]:
     """1-based position of every column after a full sort: score desc, then the tie rule, then column asc."""

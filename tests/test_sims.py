@@ -12,8 +12,6 @@ import tpas.sims as sims_mod
 from tpas.errors import TpasInputError
 from tpas.sims import FORMAT, SimsMatrix, atomic_write
 
-torch.set_num_threads(1)
-
 
 def dense(q: int = 3, g: int = 5, seed: int = 0) -> SimsMatrix:
     gen = torch.Generator().manual_seed(seed)

@@ -76,9 +76,8 @@ def tiny_gallery(tmp_path: Path) -> TinyGallery:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Small machine, shared: one thread; and no test writes to the user's ~/.cache/tpas."""
-    torch.set_num_threads(1)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test writes to the user's ~/.cache/tpas."""
     monkeypatch.setenv("TPAS_CACHE_DIR", str(tmp_path_factory.mktemp("tpas-cache")))
 
 

@@ -41,14 +41,6 @@ TINY = BEiT3Config(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_spm(path: Path) -> Path:
     """A tiny sentencepiece model (nmt_nfkc like beit3.spm) trained on a few dozen captions."""
     import sentencepiece
@@ -158,7 +150,7 @@ def _linear(x, state, key):
 
 
 def reference_features(state, config, image=None, ids=None, pad=None):
-    """NOTES_beit3.md written out in plain torch, independently of torchscale: expert A for images, B for text,
+    """docs/models/beit3.md written out in plain torch, independently of torchscale: expert A for images, B for text,
     CLS prepended then positions from row 2, padded positions zeroed and masked, sub-LN layers, final LN, head."""
     expert = "A" if image is not None else "B"
     p = "beit3.encoder"

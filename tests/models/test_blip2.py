@@ -36,7 +36,6 @@ CAPTIONS = [
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, Path]:
     """Both model types converted once (the CLI conversion itself is covered in test_blip2_convert.py)."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("blip2")
     dirs = {}
     for model_type in MODEL_TYPES:

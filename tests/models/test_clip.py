@@ -1,4 +1,4 @@
-"""CLIP backend: every accepted checkpoint format through the CLI, and a guard for each trap of NOTES_clip.md."""
+"""CLIP backend: every accepted checkpoint format through the CLI, and a guard for each trap in docs/models/clip.md."""
 
 from __future__ import annotations
 

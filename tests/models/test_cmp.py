@@ -53,8 +53,6 @@ CAPTIONS = [
     "A woman is sitting on the ground with a hat",
 ]
 
-torch.set_num_threads(1)
-
 
 def write_vocab(path: Path, size: int = 128) -> Path:
     """A WordPiece vocab of exactly `size` tokens: specials, the test words, letters and ##letters."""
@@ -208,7 +206,7 @@ def test_missing_vocab_beside_checkpoint_is_named(tiny_ckpt, tmp_path):
         CMP.from_checkpoint(tmp_path / "c.pth")
 
 
-# ---------------------------------------------------------------- reference test-time facts (NOTES_cmp.md)
+# ---------------------------------------------------------------- reference test-time facts (docs/models/cmp.md)
 def test_caption_cleaning_follows_the_reference():
     assert (
         clean_caption('A Man, in "red" (shirt)! is: walking; #1 *now*~ ok?') == "a man in red shirt is walking 1 now ok"

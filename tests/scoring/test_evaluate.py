@@ -14,8 +14,6 @@ from tpas.ranking import Ties
 from tpas.scoring import METRICS, evaluate
 from tpas.sims import SimsMatrix
 
-torch.set_num_threads(1)
-
 
 def brute_rank(row: list[float], col: int) -> int:
     return sorted(range(len(row)), key=lambda c: (-row[c], c)).index(col) + 1

@@ -12,8 +12,6 @@ from hypothesis import strategies as st
 from tpas.ranking import Ties, relevant_ranks
 from tpas.scoring.metrics import METRICS, metrics_from_ranks, per_query_metrics
 
-torch.set_num_threads(1)
-
 
 def brute_metrics(scores: torch.Tensor, rel: list[list[int]]) -> dict[str, float]:
     """Full stable sort of every row, then textbook R@K / AP / INP over the relevance list."""

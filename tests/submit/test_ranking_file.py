@@ -12,8 +12,6 @@ from tpas.errors import TpasInputError
 from tpas.sims import SimsMatrix
 from tpas.submit import top_gallery_ids, validate_answer, write_ranking_file
 
-torch.set_num_threads(1)
-
 
 def matrix(q: int = 5, g: int = 14, seed: int = 0) -> SimsMatrix:
     gen = torch.Generator().manual_seed(seed)

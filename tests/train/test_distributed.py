@@ -24,7 +24,6 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
 
 
 def test_two_process_gradient_matches_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model = build_model()
     compute_losses(model, global_batch(), LOSS_CONFIG)["total"].backward()
     want = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -9,8 +9,6 @@ from train_fixtures import random_batch, tiny_model
 
 from tpas.train.losses import LossConfig, compute_losses, itc_loss, itm_loss, sample_negatives
 
-torch.set_num_threads(1)
-
 
 def _grad_norms(model: torch.nn.Module) -> dict[str, float]:
     return {n: float(p.grad.abs().sum()) if p.grad is not None else 0.0 for n, p in model.named_parameters()}

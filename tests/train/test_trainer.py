@@ -26,7 +26,6 @@ from tpas.train.trainer import (
     train,
 )
 
-torch.set_num_threads(1)
 TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "train" / "cmp_tiny.yaml"
 
 

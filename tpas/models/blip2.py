@@ -5,7 +5,7 @@ The network is `transformers.Blip2ForImageTextRetrieval`, loaded from a transfor
 express is restored from the directory's `config.json` `lavis` block: the `ln_vision` eps (1e-5, HF uses the block
 eps) and, for `pretrain_vitL`, CLIP's `ln_pre`, applied by a forward hook on `vision_model.embeddings`.
 
-Scores, as LAVIS computes them (see `NOTES_blip2.md` in the reference notes):
+Scores, as LAVIS computes them (docs/models/blip2.md):
 - ITC: image = normalize(vision_proj(query outputs)) [G, 32, 256], text = normalize(text_proj([CLS])) [Q, 256];
   score = max over the 32 query tokens (`itc_score="max"`), or query token 0 only (`"first-token"`, what the seed
   script computed).

@@ -5,7 +5,7 @@ Accepted checkpoints, all offline: OpenAI's TorchScript release (`ViT-L-14-336px
 (`open_clip_pytorch_model.bin`, `open_clip_model.safetensors`, or their folder with `open_clip_config.json`), and
 open_clip training checkpoints (`{"state_dict": ...}`, `module.` prefix).
 
-Every trap of NOTES_clip.md that silently changes the numbers is guarded here:
+Every trap that silently changes the numbers (docs/models/clip.md) is guarded here:
 - activation: OpenAI weights need QuickGELU. It is read from the checkpoint (an OpenAI release is recognised by its
   TorchScript container, its metadata keys or its fp16 pattern; open_clip files by `open_clip_config.json`); an
   `--arch`/config that states the other activation is refused, and a checkpoint that shows neither needs one stated;

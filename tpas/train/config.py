@@ -14,8 +14,8 @@ import yaml
 
 from ..errors import TpasInputError
 
-# The original code's 2x-learning-rate groups ("newly initialised" parts; NOTES_cmp.md): Swin stages 2-3, BERT layers
-# 4, 5, 10, 11, the MLM head, both projections, itm_head, pose_block and pose_conv. Regexes over parameter names.
+# The original code's 2x-learning-rate groups ("newly initialised" parts, docs/models/cmp.md): Swin stages 2-3, BERT
+# layers 4, 5, 10, 11, the MLM head, both projections, itm_head, pose_block and pose_conv. Regexes over parameter names.
 PAPER_NEW_PARAM_PATTERNS = [
     r"^vision_encoder\.layers\.[23]\.",
     r"^text_encoder\.bert\.encoder\.layer\.(4|5|10|11)\.",
