@@ -1,8 +1,9 @@
 """The ensemble config (YAML): inputs, normalisation, fusion, post-processing, and an optional tuning space.
 
 ```yaml
-inputs:                      # name -> SimsMatrix file, or {path, format: sims|trec|csv, fill: row-min|<number>}
+inputs:                      # name -> SimsMatrix file, or {path, format: sims|trec|csv|ranking, fill: row-min|<number>}
   cmp_itm: sims_score/cmp.pt
+ids: {query_index: query_index.txt, gallery: gallery/}   # optional: the ids of run-only ensembles (see pipeline)
 normalize: {method: min-max, scope: global}
 normalize_per_input: {clip: {method: zmuv}}
 fuse: {method: iterative, order: [cmp_itm, beit3, blip2, clip], weights: [0.075, 0.9, 0.9]}  # exact: true = seed's ops
@@ -27,13 +28,15 @@ import yaml
 
 from ..errors import TpasInputError
 from . import assignment, rescore, sca
+from .external import RUN_FORMATS, detect_format
 from .fusion import FuseSpec
 from .normalize import check_method
 from .rerank_fill import check_fill
 
 POST_STEPS = {"sca": sca.validate, "assignment": assignment.validate, "rescore": rescore.validate}
-INPUT_FORMATS = ("sims", "trec", "csv")
-TOP_KEYS = ("inputs", "normalize", "normalize_per_input", "fuse", "post", "tune")
+INPUT_FORMATS = ("sims", *RUN_FORMATS)
+TOP_KEYS = ("inputs", "ids", "normalize", "normalize_per_input", "fuse", "post", "tune")
+ID_KEYS = ("query_index", "gallery")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class EnsembleConfig:
     raw: dict[str, Any]
     base_dir: Path
     tune: dict[str, Any] = field(default_factory=dict)
+    ids: dict[str, Path] = field(default_factory=dict)  # `query_index` / `gallery` files, resolved
 
     @property
     def transductive(self) -> bool:
@@ -186,10 +190,7 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
             raise TpasInputError(f"{key}.path: missing file path")
         p = Path(str(v["path"]))
         p = p if p.is_absolute() else base_dir / p
-        fmt = v.get("format")
-        if fmt is None:
-            suffix = p.suffix.lower()
-            fmt = "csv" if suffix == ".csv" else "trec" if suffix in (".run", ".trec", ".txt", ".tsv") else "sims"
+        fmt = v.get("format") or detect_format(p)
         if fmt not in INPUT_FORMATS:
             raise TpasInputError(f"{key}.format: {fmt!r} is not one of {list(INPUT_FORMATS)}")
         fill = check_fill(v.get("fill", "row-min"), f"{key}.fill")
@@ -235,7 +236,21 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
             raise TpasInputError(f"{key}: unknown post step {name!r}; choose one of {sorted(POST_STEPS)}")
         post.append((name, POST_STEPS[name](_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
     tune = _mapping(raw.get("tune"), "tune")
-    return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune)
+    return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune, _ids(raw.get("ids"), base_dir))
+
+
+def _ids(v: Any, base_dir: Path) -> dict[str, Path]:
+    v = _mapping(v, "ids")
+    bad = set(v) - set(ID_KEYS)
+    if bad:
+        raise TpasInputError(f"ids.{sorted(bad)[0]}: unknown key; use {', '.join(ID_KEYS)}")
+    out = {}
+    for k, p in v.items():
+        if not p:
+            raise TpasInputError(f"ids.{k}: missing file path")
+        p = Path(str(p))
+        out[k] = p if p.is_absolute() else base_dir / p
+    return out
 
 
 PATH_PARAMS = ("text_features", "captions", "bank")
@@ -259,6 +274,8 @@ def dump_config(raw: dict[str, Any], base_dir: Path, out_path: Path, header: str
             v["path"] = rebase(v["path"])
         else:
             raw["inputs"][name] = rebase(v)
+    for k, v in (raw.get("ids") or {}).items():
+        raw["ids"][k] = rebase(v)
     for item in raw.get("post") or []:
         if isinstance(item, dict):
             for params in item.values():
