@@ -12,6 +12,7 @@ from ..sims import SimsMatrix
 from .config import EnsembleConfig, InputSpec
 from .external import parse_run, run_to_sims
 from .fusion import Prepared, fuse_prepared, prepare
+from .topk_fusion import fuse_topk
 
 Progress = Callable[[str, int, int], None]
 
@@ -121,10 +122,12 @@ def run_ensemble(
     progress: Progress | None = None,
     query_ids: Sequence[str] | None = None,
     gallery_ids: Sequence[str] | None = None,
+    keep_top: int | None = None,
 ) -> tuple[SimsMatrix, list[dict[str, Any]]]:
     """Fuse and post-process as the config says; returns the fused SimsMatrix and the step reports.
 
-    `query_ids` / `gallery_ids` fix the ids of a run-only ensemble (see `load_inputs`).
+    `query_ids` / `gallery_ids` fix the ids of a run-only ensemble (see `load_inputs`). `keep_top` K makes the fused
+    matrix top-K (exactly the dense fused matrix's top-K; see `topk_fusion`), never holding the dense [Q, G].
     """
     steps: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -152,13 +155,19 @@ def run_ensemble(
     )
     t0 = time.perf_counter()
     cb = None if progress is None else (lambda done, total: progress("fuse", done, total))
-    scores = fuse_prepared(prepared, cfg.fuse, cb)
+    if keep_top is None:
+        form = {"scores": fuse_prepared(prepared, cfg.fuse, cb)}
+    else:
+        indices, values = fuse_topk(prepared, cfg.fuse, keep_top, cb)
+        form = {"indices": indices, "values": values}
     spec = cfg.fuse
     fuse_rep: dict[str, Any] = {"step": "fuse", "method": spec.method, "order": list(spec.order)}
     if spec.method == "rrf":
         fuse_rep.update(k=float(spec.k), depth=int(spec.depth), weights=spec.weights or {})
     else:
         fuse_rep.update(weights=spec.weights, effective_weights=spec.effective_weights(), exact=spec.exact)
+    if keep_top is not None:
+        fuse_rep["keep_top"] = int(values.shape[1])
     fuse_rep["seconds"] = round(time.perf_counter() - t0, 4)
     steps.append(fuse_rep)
     ref = matrices[spec.order[0]]
@@ -169,7 +178,7 @@ def run_ensemble(
     }
     if "ids_from" in ref.meta:  # the first input is a run: say where the ids came from
         meta["ids_from"] = ref.meta["ids_from"]
-    fused = SimsMatrix(ref.query_ids, ref.gallery_ids, scores=scores, source="fused", meta=meta)
+    fused = SimsMatrix(ref.query_ids, ref.gallery_ids, **form, source="fused", meta=meta)
     if cfg.post:
         fused, post_reports = apply_post(fused, cfg)
         steps.extend(post_reports)
