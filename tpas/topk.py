@@ -34,15 +34,45 @@ class StreamingTopK:
         b = scores.shape[1]
         if b == 0:
             return
-        cols = topk_stable(scores, min(self.k, b))
-        vals = scores.gather(1, cols)
+        cols = vals = None
+        if self.values.shape[1] == self.k:
+            # Once K cells are kept, a new cell can only enter by beating the row's K-th score: equal is not enough,
+            # since a later column loses every tie. After the first blocks few cells pass; those are taken as they
+            # are (in column order) instead of ranking the whole block.
+            rows, where = (scores > self.values[:, -1:]).nonzero(as_tuple=True)  # row-major: columns ascending
+            if len(rows) == 0:
+                self.n_cols += b
+                return
+            counts = torch.bincount(rows, minlength=scores.shape[0])  # (a bool row sum is many times slower)
+            most = int(counts.max())
+            if most <= _FEW * self.k:
+                cols, vals = _passing_cells(scores, rows, where, counts, most)
+        if cols is None:
+            cols = topk_stable(scores, min(self.k, b))
+            vals = scores.gather(1, cols)
         # Every kept column is lower than every column of this block, and each part is in (score desc, column asc)
-        # order: a stable sort by score of [kept, block] therefore leaves equal scores in column order.
+        # or column order: a stable sort by score of [kept, block] therefore leaves equal scores in column order.
         cand_v = torch.cat([self.values.to(vals.dtype), vals], dim=1)
         cand_i = torch.cat([self.indices, cols + self.n_cols], dim=1)
         order = cand_v.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
         self.values, self.indices = cand_v.gather(1, order), cand_i.gather(1, order)
         self.n_cols += b
+
+
+_FEW = 4  # at most this many times K passing cells in a row: take them all rather than a top-k of the block
+
+
+def _passing_cells(
+    scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's passing cells (row-major (rows, cols)) in column order, padded to `width` with -inf (sorted last,
+    never kept)."""
+    pos = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    out_c = torch.zeros(scores.shape[0], width, dtype=torch.long, device=scores.device)
+    out_v = torch.full((scores.shape[0], width), float("-inf"), dtype=scores.dtype, device=scores.device)
+    out_c[rows, pos] = cols
+    out_v[rows, pos] = scores[rows, cols]
+    return out_c, out_v
 
 
 def block_cols(n_rows: int, k: int, block_bytes: int = BLOCK_BYTES) -> int:
