@@ -139,7 +139,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
 
 def _family_parameter(option: FamilyOption, family: str) -> inspect.Parameter:
     """A FamilyOption as the typed parameter Typer turns into a command-line option."""
-    help_text = option.help + (f" [{'|'.join(option.choices)}]" if option.choices else "")
+    help_text = option.help + (f" One of: {', '.join(option.choices)}." if option.choices else "")
     info = typer.Option(option.flag, help=help_text, rich_help_panel=f"{family} options",
                         show_default=option.default not in (None, False))  # fmt: skip
     if option.type is bool:

@@ -149,10 +149,10 @@ def register(name: str) -> Callable[[type[RetrievalModel]], type[RetrievalModel]
 
 def _check_options(family: str, options: Sequence[FamilyOption]) -> None:
     # A family author's mistake shows at import, not when a user first types the option.
-    names = [o.name for o in options]
     for o in options:
         if not isinstance(o, FamilyOption) or o.type not in OPTION_TYPES or not o.name.isidentifier():
             raise ValueError(f"model family {family!r}: options must be FamilyOption(name, type in {OPTION_TYPES})")
+    names = [o.name for o in options]
     if len(set(names)) != len(names):
         raise ValueError(f"model family {family!r} declares an option twice: {names}")
 
