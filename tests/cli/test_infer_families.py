@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tpas.errors import TpasError
-from tpas.models import base, get_model_class, list_models, load_model
+from tpas.models import FamilyOption, base, get_model_class, list_models, load_model
 from tpas.sims import SimsMatrix
 
 HERE = Path(__file__).resolve().parent
@@ -160,3 +160,37 @@ def test_a_family_from_an_installed_distribution_runs_through_the_real_cli(galle
     clip_help, infer_help = run.stdout.split("after-root")[1].split("after-clip")
     assert "--arch" in clip_help and "--toy-scale" not in clip_help
     assert "A colour-histogram toy" in infer_help  # `tpas infer --help` lists the installed family
+
+
+def test_a_flag_that_defaults_to_on_can_be_turned_off(cli, gallery, toy_family, tmp_path, monkeypatch):
+    class Shifted(toy_family.ToyFamily):
+        """The toy plus one on every score unless --no-toy-shift."""
+
+        options = (
+            *toy_family.ToyFamily.options,
+            FamilyOption("toy_shift", bool, "Add 1 to every score.", default=True),
+        )
+
+        @classmethod
+        def from_checkpoint(cls, path, config=None, **options):
+            model = super().from_checkpoint(path, config, **options)
+            model.shift = options["toy_shift"]
+            return model
+
+        def describe(self):
+            return {**super().describe(), "shift": self.shift}
+
+        def similarity(self, text_embed, image_embed):
+            return super().similarity(text_embed, image_embed) + float(self.shift)
+
+    monkeypatch.setitem(base._REGISTRY, "shifted", Shifted)
+    code, out, _ = cli("infer", "shifted", "--help")
+    assert code == 0 and "--toy-shift" in out and "--no-toy-shift" in out
+    runs = {}
+    for name, extra in (("on", ()), ("off", ("--no-toy-shift",))):
+        code, _, err = cli("infer", "shifted", "--images", gallery.images, "--queries", gallery.queries,
+                           "--out", tmp_path / f"{name}.pt", "--workers", "0", "--no-cache", *extra)  # fmt: skip
+        assert code == 0, err
+        runs[name] = SimsMatrix.load(tmp_path / f"{name}.pt")
+    assert runs["on"].meta["model"]["shift"] is True and runs["off"].meta["model"]["shift"] is False
+    torch.testing.assert_close(runs["on"].scores - 1.0, runs["off"].scores)

@@ -52,7 +52,6 @@ app.add_typer(demo.app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app; any expected failure is one line on stderr and exit code 2."""
-    code = run_app(app, argv)
-    if code:
-        sys.exit(code)
+    """Console-script entry point: run the app and exit with its code (as click does); any expected failure is one
+    line on stderr and exit code 2."""
+    sys.exit(run_app(app, argv))

@@ -84,16 +84,20 @@ def _out_of_memory(e: BaseException) -> bool:
     torch = sys.modules.get("torch")  # an OOM can only come from torch once it is imported: never import it here
     if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
         return True
-    return isinstance(e, MemoryError)
+    # torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: ...").
+    return isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+
+
+_OOM_HINTS = {
+    "infer": "lower --batch-size (images, captions or pairs per batch), or use --precision fp16/bf16 on a GPU",
+    "train": "lower the training batch size (--set train.batch_size=N) or use a smaller model",
+}
 
 
 def _oom_message(e: BaseException, argv: Sequence[str]) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if argv[:1] == ["train"]:
-        lower = "lower the training batch size (--set train.batch_size=N) or use a smaller model"
-    else:
-        lower = "lower --batch-size (and --rerank-k batches with it), or use --precision fp16/bf16 on a GPU"
-    return f"out of memory ({first[:200]}): {lower}"
+    hint = _OOM_HINTS.get(argv[0] if argv else "", "free memory or use a machine with more")
+    return f"out of memory ({first[:200]}): {hint}"
 
 
 def run_app(app: typer.Typer, argv: Sequence[str] | None) -> int:

@@ -140,7 +140,9 @@ def _engine_parameters() -> list[inspect.Parameter]:
 def _family_parameter(option: FamilyOption, family: str) -> inspect.Parameter:
     """A FamilyOption as the typed parameter Typer turns into a command-line option."""
     help_text = option.help + (f" One of: {', '.join(option.choices)}." if option.choices else "")
-    info = typer.Option(option.flag, help=help_text, rich_help_panel=f"{family} options",
+    # A flag that defaults to on needs its off switch: --x/--no-x.
+    decl = f"{option.flag}/--no-{option.flag[2:]}" if option.type is bool and option.default else option.flag
+    info = typer.Option(decl, help=help_text, rich_help_panel=f"{family} options",
                         show_default=option.default not in (None, False))  # fmt: skip
     if option.type is bool:
         annotation, default = bool, bool(option.default)
