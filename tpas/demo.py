@@ -529,7 +529,7 @@ def _run_group(
         timings.append((step.title, time.perf_counter() - t0, False))
         missing = next((p for p in step.outputs if not p.is_file()), None)
         if missing is not None:
-            raise TpasInputError(f"demo step '{step.title}' finished without writing its output", missing)
+            raise TpasRunError(f"demo step '{step.title}' finished without writing its output {missing}")
         if step.reuse_key is not None:
             state[step.reuse_key] = list(step.argv)
             _save_state(lay.state, state)
