@@ -141,8 +141,9 @@ def get_model_class(name: str) -> type[RetrievalModel]:
 
         from . import _FAMILY_MODULES
 
-        if name in _FAMILY_MODULES:
-            importlib.import_module(f"{__package__}.{name}")
+        module = name.replace("-", "_")  # `tpas infer hf-dual` lives in hf_dual.py
+        if module in _FAMILY_MODULES:
+            importlib.import_module(f"{__package__}.{module}")
     if name not in _REGISTRY:
         known = list_models()
         if name not in _REGISTRY:
@@ -155,7 +156,9 @@ def load_model(
 ) -> RetrievalModel:
     """The one way to build a model: `load_model("clip", Path("ViT-L-14-336px.pt"))`."""
     cls = get_model_class(family)
-    unknown = {k for k, v in options.items() if v is not None} - cls.options
+    # `options` is a set of names or (the declared form) a tuple of FamilyOption.
+    known = {o.name if isinstance(o, FamilyOption) else o for o in cls.options}
+    unknown = {k for k, v in options.items() if v is not None} - known
     if unknown:
         raise TpasInputError(
             f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unknown))} do not apply to {family}"

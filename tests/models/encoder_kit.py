@@ -1,0 +1,194 @@
+"""Builders of the tiny encoder folders the SigLIP / hf-dual / vlm-embed tests use (no downloads, random weights).
+
+Everything is written the way the real releases are laid out: an open_clip hub folder (`open_clip_config.json`,
+`open_clip_model.safetensors`, tokenizer files), or a transformers folder (`config.json`, `model.safetensors`,
+processor and tokenizer files from `save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+WORDS = (
+    "a",
+    "man",
+    "woman",
+    "person",
+    "in",
+    "red",
+    "black",
+    "shirt",
+    "is",
+    "falling",
+    "running",
+    "fighting",
+    "on",
+    "the",
+    "street",
+    "near",
+    "car",
+    "with",
+    "bag",
+)
+# SigLIP's open_clip preprocessing, as its hub open_clip_config.json states it.
+SIGLIP_PREPROCESS = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
+
+
+def _clean_timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    return kwargs
+
+
+def register_tiny_timm_towers() -> None:
+    """Register two tiny timm image towers under test-only names: a SigLIP-style ViT (no class token, MAP pooling)
+    and an EVA02-CLIP-style Eva (rotary positions, SwiGLU, sub-LN), so open_clip configs can name them."""
+    import timm
+    from timm.models import register_model
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if "tpas_test_vit_siglip_tiny" in timm.list_models("tpas_test_*"):
+        return
+
+    @register_model
+    def tpas_test_vit_siglip_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="map")
+        return VisionTransformer(**{**args, **_clean_timm_kwargs(kwargs)})
+
+    @register_model
+    def tpas_test_eva02_tiny_clip(pretrained: bool = False, **kwargs: Any) -> Eva:
+        args = dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            qkv_fused=False,
+            mlp_ratio=4 * 2 / 3,
+            swiglu_mlp=True,
+            scale_mlp=True,
+            scale_attn_inner=True,
+            use_rot_pos_emb=True,
+            ref_feat_shape=(4, 4),
+        )
+        return Eva(**{**args, **_clean_timm_kwargs(kwargs)})
+
+
+def word_vocab() -> dict[str, int]:
+    """T5-style ids (<pad> 0, </s> 1, <unk> 2) then one id per test word."""
+    return {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+
+
+def hf_word_tokenizer() -> Any:
+    """A fast HF tokenizer over `word_vocab()`: words split on whitespace/punctuation, `</s>` appended, padded with
+    `</s>` as SigLIP's tokenizer pads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(word_vocab(), unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+
+
+def train_sentencepiece(path_prefix: Path, gemma: bool = False) -> Path:
+    """A tiny unigram sentencepiece model trained on test sentences: T5 layout (<pad> 0, </s> 1, <unk> 2) or Gemma's
+    (<pad> 0, <eos> 1, <bos> 2, <unk> 3)."""
+    import sentencepiece
+
+    r = random.Random(0)
+    corpus = path_prefix.with_suffix(".txt")
+    corpus.write_text("\n".join(" ".join(r.choice(WORDS) for _ in range(8)) for _ in range(300)))
+    ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>")
+    if not gemma:
+        ids = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path_prefix), vocab_size=40, model_type="unigram", minloglevel=2, **ids
+    )
+    return path_prefix.with_suffix(".model")
+
+
+def open_clip_siglip_cfg(vocab_size: int) -> dict[str, Any]:
+    """A tiny SigLIP in open_clip's model_cfg form (as the hub's ViT-B-16-SigLIP, scaled down): timm MAP-pooled ViT,
+    bidirectional text tower pooled at the last position, context length 64."""
+    return {
+        "embed_dim": 32,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {
+            "image_size": 32,
+            "timm_model_name": "tpas_test_vit_siglip_tiny",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        "text_cfg": {
+            "context_length": 64,
+            "vocab_size": vocab_size,
+            "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+            "tokenizer_kwargs": {"clean": "canonicalize"},
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "no_causal_mask": True,
+            "proj_bias": True,
+            "pool_type": "last",
+            "norm_kwargs": {"eps": 1e-6},
+        },
+    }
+
+
+def open_clip_eva02_cfg() -> dict[str, Any]:
+    """A tiny EVA02-CLIP in open_clip's model_cfg form (as EVA02-B-16, scaled down): timm Eva tower, BPE text."""
+    return {
+        "embed_dim": 32,
+        "custom_text": True,
+        "vision_cfg": {
+            "image_size": 32,
+            "timm_model_name": "tpas_test_eva02_tiny_clip",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": None,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+def write_open_clip_folder(folder: Path, model_cfg: dict, preprocess_cfg: dict | None, seed: int = 0) -> Path:
+    """Random weights of `model_cfg` as an open_clip hub folder (config + safetensors)."""
+    from safetensors.torch import save_file
+
+    from tpas.models.clip import build_open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_open_clip(model_cfg)
+    with torch.no_grad():  # a non-trivial logit bias, so meta shows it was read from the weights
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.fill_(-7.5)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": model_cfg, **({"preprocess_cfg": preprocess_cfg} if preprocess_cfg else {})}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def write_lossless_gallery(src: Path, dst: Path, mirror: bool = False) -> Path:
+    """The decoded images of gallery `src` as PNGs (same stems) in `dst`, optionally mirrored left-right."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.rglob("*.jpg")):
+        im = Image.open(p).convert("RGB")
+        (ImageOps.mirror(im) if mirror else im).save(dst / f"{p.stem}.png")
+    return dst
+
+
+def gallery_images(images: Path, ids: list[str]) -> list[Image.Image]:
+    """The decoded (RGB) gallery images in `ids` order."""
+    paths = {p.stem: p for p in images.rglob("*") if p.suffix in (".jpg", ".png")}
+    return [Image.open(paths[i]).convert("RGB") for i in ids]
