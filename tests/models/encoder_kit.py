@@ -192,3 +192,39 @@ def gallery_images(images: Path, ids: list[str]) -> list[Image.Image]:
     """The decoded (RGB) gallery images in `ids` order."""
     paths = {p.stem: p for p in images.rglob("*") if p.suffix in (".jpg", ".png")}
     return [Image.open(paths[i]).convert("RGB") for i in ids]
+
+
+def write_hf_dual_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny SiglipModel / Siglip2Model (NaFlex, patch 8, 16 patches) / CLIPModel with its processor, saved as a
+    transformers folder; text towers over `word_vocab()` with 64 positions (CLIP: 16-d projections)."""
+    import transformers as tf
+
+    text = dict(
+        vocab_size=len(word_vocab()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
+    if model_type == "siglip":
+        config = tf.SiglipConfig(text_config=text, vision_config={**vision, "image_size": 32})
+        model_cls, processor = tf.SiglipModel, tf.SiglipProcessor
+        image_processor = tf.SiglipImageProcessor(size={"height": 32, "width": 32})
+    elif model_type == "siglip2":
+        config = tf.Siglip2Config(text_config=text, vision_config={**vision, "num_patches": 16})
+        model_cls, processor = tf.Siglip2Model, tf.Siglip2Processor
+        image_processor = tf.Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    else:
+        ids = {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 1}
+        config = tf.CLIPConfig(
+            text_config={**text, **ids}, vision_config={**vision, "image_size": 32}, projection_dim=16
+        )
+        model_cls, processor = tf.CLIPModel, tf.CLIPProcessor
+        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(folder)
+    processor(image_processor=image_processor, tokenizer=hf_word_tokenizer()).save_pretrained(folder)
+    return folder
