@@ -228,3 +228,65 @@ def write_hf_dual_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor(image_processor=image_processor, tokenizer=hf_word_tokenizer()).save_pretrained(folder)
     return folder
+
+
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def write_qwen2_vl_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL (2 decoder layers of width 32, 1 vision block, patch 14, merge 2) with a byte-level tokenizer
+    holding Qwen's special tokens, saved as a transformers folder (Qwen2VLForConditionalGeneration, as GME ships)."""
+    import transformers as tf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tok = tf.Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
+    ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True))
+    image_processor = tf.Qwen2VLImageProcessor(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16})
+    processor = tf.Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tok, video_processor=tf.Qwen2VLVideoProcessor()
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    config = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    tf.Qwen2VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
