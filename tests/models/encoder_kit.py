@@ -52,15 +52,10 @@ def register_tiny_timm_towers() -> None:
     import timm
     from timm.models import register_model
     from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
 
     if "tpas_test_vit_siglip_tiny" in timm.list_models("tpas_test_*"):
         return
-
-    @register_model
-    def tpas_test_vit_siglip_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="map")
-        return VisionTransformer(**{**args, **_clean_timm_kwargs(kwargs)})
+    register_siglip_tower("tpas_test_vit_siglip_tiny", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
     @register_model
     def tpas_test_eva02_tiny_clip(pretrained: bool = False, **kwargs: Any) -> Eva:
@@ -79,6 +74,18 @@ def register_tiny_timm_towers() -> None:
             ref_feat_shape=(4, 4),
         )
         return Eva(**{**args, **_clean_timm_kwargs(kwargs)})
+
+
+def register_siglip_tower(name: str, **sizes: Any) -> None:
+    """Register a SigLIP-style timm ViT (no class token, MAP pooling) of the given sizes under `name`."""
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    def build(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        return VisionTransformer(**{"class_token": False, "global_pool": "map", **sizes, **_clean_timm_kwargs(kwargs)})
+
+    build.__name__ = name
+    register_model(build)
 
 
 def word_vocab() -> dict[str, int]:
@@ -115,16 +122,18 @@ def train_sentencepiece(path_prefix: Path, gemma: bool = False) -> Path:
     return path_prefix.with_suffix(".model")
 
 
-def open_clip_siglip_cfg(vocab_size: int) -> dict[str, Any]:
-    """A tiny SigLIP in open_clip's model_cfg form (as the hub's ViT-B-16-SigLIP, scaled down): timm MAP-pooled ViT,
-    bidirectional text tower pooled at the last position, context length 64."""
+def open_clip_siglip_cfg(
+    vocab_size: int, tower: str = "tpas_test_vit_siglip_tiny", width: int = 32, image_size: int = 32, layers: int = 1
+) -> dict[str, Any]:
+    """A tiny SigLIP in open_clip's model_cfg form (as the hub's ViT-B-16-SigLIP, scaled down): timm MAP-pooled ViT
+    `tower` (of width `width`), bidirectional text tower pooled at the last position, context length 64."""
     return {
-        "embed_dim": 32,
+        "embed_dim": width,
         "init_logit_bias": -10,
         "custom_text": True,
         "vision_cfg": {
-            "image_size": 32,
-            "timm_model_name": "tpas_test_vit_siglip_tiny",
+            "image_size": image_size,
+            "timm_model_name": tower,
             "timm_model_pretrained": False,
             "timm_pool": "map",
             "timm_proj": "none",
@@ -134,9 +143,9 @@ def open_clip_siglip_cfg(vocab_size: int) -> dict[str, Any]:
             "vocab_size": vocab_size,
             "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
             "tokenizer_kwargs": {"clean": "canonicalize"},
-            "width": 32,
+            "width": width,
             "heads": 2,
-            "layers": 1,
+            "layers": layers,
             "no_causal_mask": True,
             "proj_bias": True,
             "pool_type": "last",
