@@ -220,6 +220,6 @@ def test_tta_hflip_is_the_mean_of_the_image_and_its_mirror(
     a, b = torch.cat(one).chunk(2)
     txt = model.encode_texts(model.tokenize(tiny_gallery.captions))["embed"]
     torch.testing.assert_close(flip.scores, txt @ torch.nn.functional.normalize(a + b, dim=-1).T, atol=2e-6, rtol=0)
-    with pytest.raises(TpasInputError, match="--tta must be one of .*'vflip'"):
+    with pytest.raises(TpasInputError, match=r"--tta must be one of .*'vflip'"):
         load_model("clip", folders.siglip, tta="vflip")
     assert json.dumps(flip.meta["model"])  # JSON-able
