@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from ..errors import TpasInputError
+from ..io import atomic_write, get_key, set_key
 from ..ranking import gt_ranks
 from ..scoring.metrics import aggregate, per_query_metrics
-from ..sims import atomic_write
-from .config import EnsembleConfig, build_config, dump_config, get_key, set_key
+from .config import EnsembleConfig, build_config, dump_config
 from .fusion import Prepared, block_rows, fuse_prepared, fused_dtype, fusion_kernel, prepare
 from .parallel import map_row_ranges
 from .pipeline import apply_post, load_inputs
