@@ -157,6 +157,8 @@ def find_config(name_or_path: str | Path, kind: str) -> Path:
     raise TpasInputError(f"file not found, nor a packaged {kind} config ({', '.join(names)})", path)
 
 
-def read_config(name_or_path: str | Path, kind: str, overrides: Sequence[str] = (), **read: str) -> dict[str, Any]:
-    """A config file or packaged preset as a mapping, `--set` overrides applied; `read` goes to `read_yaml`."""
-    return apply_overrides(read_yaml(find_config(name_or_path, kind), **read), overrides)
+def read_config(
+    name_or_path: str | Path, kind: str, overrides: Sequence[str] = (), expected: str = "a YAML mapping"
+) -> dict[str, Any]:
+    """A config file or packaged preset as a mapping, `--set` overrides applied (`expected`: as for `read_yaml`)."""
+    return apply_overrides(read_yaml(find_config(name_or_path, kind), expected), overrides)
