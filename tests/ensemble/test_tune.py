@@ -146,7 +146,9 @@ def test_tuning_with_post_steps_and_categorical_keys(planted):
 
 
 def test_gt_without_matching_queries_is_a_clear_error(planted):
-    cfg_path, _ = planted
+    cfg_path, gt = planted
+    with pytest.raises(TpasInputError, match="--ties: 'random' is not one of"):
+        tune(load_config(cfg_path), gt, ties="random")
     gt = GroundTruth(["x:0"], {"x:0": "g0"}, pd.DataFrame({"gallery_id": ["g0"]}, index=["x:0"]))
     with pytest.raises(TpasInputError, match="no query of the matrices has a ground truth"):
         tune(load_config(cfg_path), gt)

@@ -14,7 +14,7 @@ from ..errors import TpasInputError
 from ..ranking import Ties, relevant_ranks, topk_relevant_ranks
 from ..sims import SimsMatrix
 from .metrics import METRICS, aggregate, per_query_metrics
-from .relevance import Match, join_ground_truth
+from .relevance import Match, check_policies, join_ground_truth
 
 TABLE_METRICS = (*METRICS, "mAP@10")
 """Columns of the overall and breakdown tables (besides `n`): the five of `--json` plus the leaderboard's top-10 mAP."""
@@ -80,7 +80,7 @@ def evaluate(
     first missing id otherwise). Matrix rows that are not ground-truth queries are ignored and counted in
     `unscored_rows`. `by` names columns to break down by; they are checked here so a typo fails before any work.
     """
-    ties, match = Ties(ties), Match(match)
+    match, ties = check_policies(match, ties)
     columns = ["query_id", *gt.frame.columns]
     by = tuple(resolve_column(b, columns) for b in by)
     rel = join_ground_truth(gt, sims.query_ids, sims.gallery_ids, match)

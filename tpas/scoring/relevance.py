@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import TpasInputError
+from ..ranking import Ties
 
 if TYPE_CHECKING:
     from ..data.pab import GroundTruth
@@ -28,6 +29,17 @@ class Match(str, Enum):
 
     IMAGE = "image"
     IDENTITY = "identity"
+
+
+def check_policies(match: Match | str, ties: Ties | str) -> tuple[Match, Ties]:
+    """`match` and `ties` as enums; TpasInputError naming the option and its choices for any other value."""
+    out = []
+    for option, enum, value in (("--match", Match, match), ("--ties", Ties, ties)):
+        try:
+            out.append(enum(value))
+        except ValueError:
+            raise TpasInputError(f"{option}: {value!r} is not one of {[e.value for e in enum]}") from None
+    return out[0], out[1]
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 
 from ...errors import TpasInputError
 from ...ranking import Ties
-from ...scoring.relevance import Match
+from ...scoring.relevance import Match, check_policies
 from ..config import EnsembleConfig
 from .evaluation import METRIC_NAMES, Evaluator, metrics_of, parse_objective, score_of
 from .report import TuneResult, write_outputs
@@ -99,7 +99,7 @@ def tune(
         progress: callback(stage, done, total, best_so_far).
     """
     _check_arguments(search, trials, step, folds)
-    match, ties = Match(match), Ties(ties)
+    match, ties = check_policies(match, ties)
     objective = parse_objective(metric or cfg.tune.get("metric"))
     dims = build_space(cfg, step)
     if search == "grid":
