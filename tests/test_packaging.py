@@ -102,7 +102,6 @@ print(json.dumps({"tpas": tpas.__file__, "root": str(io.configs_root()), "files"
     assert Path(out["inputs"]).resolve() == (tmp_path / "sims_score" / "beit3.pt").resolve()
 
 
-@pytest.mark.xfail(strict=True, reason="tpas/demo.py still looks for configs/ beside the package (lead: find_config)")
 def test_the_demo_of_an_installed_copy_trains_from_package_data(installed, tmp_path):
     code = """
 import json
