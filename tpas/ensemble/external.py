@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -41,38 +42,50 @@ def _parse_score(text: str, path: Path, line: int) -> float:
     return v
 
 
-def _records_trec(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 6:
-                raise TpasInputError(
-                    f"expected 6 fields `qid Q0 docid rank score tag`, found {len(parts)}", path, f"line {n}"
-                )
-            yield n, parts[0], parts[2], _parse_score(parts[4], path, n)
+def _records_trec(path: Path, f: TextIO) -> Iterator[tuple[int, str, str, float]]:
+    for n, raw in enumerate(f, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise TpasInputError(
+                f"expected 6 fields `qid Q0 docid rank score tag`, found {len(parts)}", path, f"line {n}"
+            )
+        yield n, parts[0], parts[2], _parse_score(parts[4], path, n)
 
 
-def _records_csv(path: Path):
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise TpasInputError("empty CSV; expected a header `query_id,gallery_id,score`", path)
-        cols = [h.strip() for h in header]
-        need = ("query_id", "gallery_id", "score")
-        missing = [c for c in need if c not in cols]
-        if missing:
-            raise TpasInputError(f"CSV header lacks {', '.join(missing)}; expected `query_id,gallery_id,score`", path)
-        qi, gi, si = (cols.index(c) for c in need)
-        for n, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise TpasInputError(f"expected {len(cols)} fields, found {len(row)}", path, f"line {n}")
-            yield n, row[qi].strip(), row[gi].strip(), _parse_score(row[si].strip(), path, n)
+def _records_csv(path: Path, f: TextIO) -> Iterator[tuple[int, str, str, float]]:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        raise TpasInputError("empty CSV; expected a header `query_id,gallery_id,score`", path)
+    cols = [h.strip() for h in header]
+    need = ("query_id", "gallery_id", "score")
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise TpasInputError(f"CSV header lacks {', '.join(missing)}; expected `query_id,gallery_id,score`", path)
+    qi, gi, si = (cols.index(c) for c in need)
+    for n, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(cols):
+            raise TpasInputError(f"expected {len(cols)} fields, found {len(row)}", path, f"line {n}")
+        yield n, row[qi].strip(), row[gi].strip(), _parse_score(row[si].strip(), path, n)
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[int, str, str, float]]:
+    """(line, query id, gallery id, score) of a run file, streamed; bytes that are not UTF-8, or a CSV the csv
+    module rejects (a NUL byte, an over-long field), become TpasInputError naming the line reached."""
+    n = 0
+    try:
+        with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+            for n, qid, gid, score in (_records_csv if fmt == "csv" else _records_trec)(path, f):
+                yield n, qid, gid, score
+    except UnicodeDecodeError as e:
+        raise TpasInputError(f"is not UTF-8 text ({e.reason} after line {n})", path) from None
+    except csv.Error as e:
+        raise TpasInputError(f"not a readable CSV ({e})", path, f"after line {n}") from None
 
 
 def read_run(
@@ -92,8 +105,7 @@ def read_run(
     q_pos = {str(q): i for i, q in enumerate(query_ids)}
     g_pos = {str(g): i for i, g in enumerate(gallery_ids)}
     rows: list[dict[int, float]] = [{} for _ in query_ids]
-    records = _records_trec(path) if fmt == "trec" else _records_csv(path)
-    for n, qid, gid, score in records:
+    for n, qid, gid, score in _records(path, fmt):
         qi = q_pos.get(qid)
         if qi is None:
             raise TpasInputError(f"query id {qid!r} is not among the fusion's queries", path, f"line {n}")
