@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import TpasInputError
-from .base import Features, RetrievalModel, register
+from .base import TRUST_CHECKPOINT, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import extract_state_dict, load_checkpoint, strip_prefix
 
 DEFAULT_ARCH = "ViT-L-14-336"
@@ -325,7 +325,10 @@ class ClipPreprocess:
 class ClipModel(RetrievalModel):
     """An open_clip CLIP with OpenAI's test-time preprocessing and tokenizer; features L2-normalised, sims = cosine."""
 
-    options = frozenset({"arch", "trust_checkpoint"})
+    options = (
+        FamilyOption("arch", str, "open_clip architecture, e.g. ViT-L-14-336; default: read from the checkpoint."),
+        TRUST_CHECKPOINT,
+    )
 
     def __init__(
         self,
