@@ -51,3 +51,8 @@ class TpasRunError(TpasError):
 
     def __str__(self) -> str:
         return self.message if self.log is None else f"{self.message} (log: {self.log})"
+
+
+class TpasResourceError(TpasError):
+    """The machine cannot do what was asked as asked (a matrix too large for its memory): the message says the size
+    and what to change."""

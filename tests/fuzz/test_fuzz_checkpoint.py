@@ -181,7 +181,7 @@ def _mutated_state(state: dict[str, Any]) -> st.SearchStrategy[Any]:
         for _ in range(draw(st.integers(1, 3))):
             key = draw(st.sampled_from(keys))
             op = draw(st.sampled_from(("drop", "rename", "reshape", "dtype", "scalar", "value", "extra")))
-            t = sd.get(key, inner[key])
+            t = sd[key] if isinstance(sd.get(key), torch.Tensor) else inner[key]
             if op == "drop":
                 sd.pop(key, None)
             elif op == "rename":

@@ -26,7 +26,9 @@ _keys = st.sampled_from(
      "data.root", "model", "model.preset", "x", "", "a..b", "post.9.x"]
 )  # fmt: skip
 _values = st.sampled_from(
-    ["", "null", "1", "-1", "0.5", "nan", "[0.1, 0.9]", "[a, b]", "{}", "[]", "{a: 1}", "a.pt", "x.csv", "'[", "!!python/object:os.system {}", "iterative", "wsum", "rrf", "min-max", "zmuv", "global", "per-query", "true", "1e999"]
+    ["", "null", "1", "-1", "0.5", "nan", "1e999", "true", "[0.1, 0.9]", "[a, b]", "{}", "[]", "{a: 1}", "a.pt",
+     "x.csv", "'[", "!!python/object:os.system {}", "iterative", "wsum", "rrf", "min-max", "zmuv", "global",
+     "per-query"]
 )  # fmt: skip
 overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", _keys, _values) | st.text(max_size=12), max_size=3)
 
