@@ -62,7 +62,7 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         _remove_dead_temps(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise _naming(e, path) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the mode open() would give it
@@ -70,11 +70,16 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise _naming(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error about `path` (the CLI prints its filename): the temp file's name would only confuse."""
+    return e if e.errno is None else type(e)(e.errno, e.strerror, str(path))
 
 
 _HOST = os.uname().nodename.replace("/", "_")[:32]  # short enough to keep temp names within NAME_MAX
@@ -502,5 +507,7 @@ def _safe_torch_load(path: str | Path) -> Any:
         if "TorchScript" in str(e):
             raise TpasInputError("is a TorchScript archive, not a score file", path) from None
         raise TpasInputError(f"cannot be read as a torch file ({str(e).splitlines()[0]})", path) from None
-    except (EOFError, OSError, ValueError) as e:
-        raise TpasInputError(f"cannot be read as a torch file ({e})", path) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, ... : one line
+        raise TpasInputError(f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None

@@ -61,6 +61,9 @@ def test_ensemble_configs_load_or_are_refused_in_one_line(content, sets, tmp_pat
     _refused_or_config(load_config, path, sets)
 
 
+# tpas/train/config.py reads YAML itself (UnicodeDecodeError, multi-line YAML errors); the shared reader in
+# tpas/io.py replaces it, and this test then passes (strict: an XPASS fails, so the marker cannot outlive the fix).
+@pytest.mark.xfail(strict=True, reason="train config reader crashes on non-UTF-8 bytes; fixed by the io.read_yaml move")
 @fuzz_settings(200)
 @given(content=_yaml_files(TRAIN), sets=overrides)
 def test_train_configs_load_or_are_refused_in_one_line(content, sets, tmp_path_factory):
@@ -69,7 +72,11 @@ def test_train_configs_load_or_are_refused_in_one_line(content, sets, tmp_path_f
     _refused_or_config(load_train_config, path, sets)
 
 
-@pytest.mark.parametrize("read", [load_config, load_train_config], ids=["ensemble", "train"])
+@pytest.mark.parametrize(
+    "read",
+    [load_config, pytest.param(load_train_config, marks=pytest.mark.xfail(strict=True, reason="see above"))],
+    ids=["ensemble", "train"],
+)
 @pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[" * 5000 + b"]" * 5000], ids=["binary", "deep"])
 def test_undecodable_or_deeply_nested_yaml_is_refused(read, content, tmp_path):
     path = tmp_path / "config.yaml"

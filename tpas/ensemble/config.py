@@ -125,7 +125,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else None
-        raise TpasInputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, where) from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # some YAML errors span several lines
+        raise TpasInputError(f"not valid YAML ({problem})", path, where) from None
+    except UnicodeDecodeError as e:
+        raise TpasInputError(f"is not UTF-8 text (byte {e.start})", path) from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise TpasInputError("not valid YAML (nested too deeply)", path) from None
     if not isinstance(raw, dict):
         raise TpasInputError("expected a YAML mapping with `inputs` and `fuse`", path)
     return raw

@@ -15,9 +15,11 @@ raised while deserialising is reported as a damaged file, never as a traceback.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -190,7 +192,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         refused = _refused_global(str(e))
         if refused is not None and kind.kind in ("torch-zip", "torch-legacy"):
-            raise TpasInputError(_trust_hint(refused), path) from None
+            raise TpasInputError(_refused_message(refused, kind), path) from None
         raise TpasInputError(_damaged(kind, e), path) from None
     except Exception as e:  # any failure inside a deserialiser means a damaged file, reported as one line
         raise TpasInputError(_damaged(kind, e), path) from None
@@ -215,7 +217,19 @@ def _refused_global(message: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _trust_hint(refused: str) -> str:
+def _refused_message(refused: str, kind: FileKind) -> str:
+    """Why the safe load refused `refused` (module.name), and whether --trust-checkpoint can help."""
+    module, _, name = refused.rpartition(".")
+    loaded = sys.modules.get(module)
+    if loaded is not None and not hasattr(loaded, name):
+        # Not an object a trusted load could rebuild either: the pickle names something that does not exist.
+        return f"damaged or incomplete {kind.looks_like}: it names {refused}, which does not exist; {_REDOWNLOAD}"
+    top = module.split(".", 1)[0]
+    if loaded is None and (not top or importlib.util.find_spec(top) is None):
+        return (
+            f"a torch checkpoint that holds pickled Python objects ({refused}) of a module that is not installed "
+            f"here ({top or module}); not even --trust-checkpoint can read it without that module"
+        )
     return (
         f"a torch checkpoint that holds pickled Python objects ({refused}; training checkpoints often do) which a "
         "safe load refuses. If you trust where the file came from, pass --trust-checkpoint"
