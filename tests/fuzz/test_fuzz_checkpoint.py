@@ -32,6 +32,9 @@ TINY_CLIP = {
 }
 WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
 
+# Damaged pickles announce odd protocols; torch warns about each.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+
 
 @dataclass
 class Kit:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 from fuzzlib import fuzz_settings, json_values, mutate, valid_or_refused
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tpas.sims import FORMAT, SimsMatrix
+
+# Damaged pickles announce odd protocols; torch warns about each.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
 
 def _saved(obj) -> bytes:
