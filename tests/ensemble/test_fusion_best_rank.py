@@ -56,3 +56,25 @@ def test_best_rank_config_validation(tmp_path):
         bad = {**raw, "fuse": {**raw["fuse"], **fuse_raw}}
         with pytest.raises(TpasInputError, match=key):
             build_config(bad, tmp_path)
+
+
+def test_packaged_pool_recipe_holds_the_union_of_the_top_10s(tmp_path):
+    from pathlib import Path
+
+    from tpas.ensemble.config import load_config
+    from tpas.ensemble.pipeline import run_ensemble
+
+    preset = Path(__file__).resolve().parents[2] / "configs" / "ensemble" / "candidate_pool.yaml"
+    gen = torch.Generator().manual_seed(5)
+    q, g = 12, 120
+    overrides = []
+    mats = {}
+    for name in ("beit3", "blip2", "clip"):
+        mats[name] = torch.randn(q, g, generator=gen)
+        SimsMatrix(ids("q", q), ids("g", g), scores=mats[name], source=name).save(tmp_path / f"{name}.pt")
+        overrides.append(f"inputs.{name}={tmp_path / name}.pt")
+    pool, _ = run_ensemble(load_config(preset, overrides))
+    top30 = topk_stable(pool.scores, 30)
+    for r in range(q):
+        union = set().union(*(set(topk_stable(s[r : r + 1], 10)[0].tolist()) for s in mats.values()))
+        assert union <= set(top30[r].tolist())
