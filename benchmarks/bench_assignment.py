@@ -6,7 +6,8 @@ of the same person scores almost as high) + distractors. Score of (query, image)
 `twin` on the same person's other image + `scene` on images of the same scene. Each method post-processes the same
 matrix; R@1 and mAP@10 are averaged over seeds.
 
-    .venv/bin/python benchmarks/bench_assignment.py [--identities 800] [--distractors 4000] [--seeds 5] [--true 0.5] [--twin 0.4]
+    .venv/bin/python benchmarks/bench_assignment.py [--identities 800] [--distractors 4000] [--seeds 5]
+                                                    [--true 0.5] [--twin 0.4]
 """
 
 from __future__ import annotations
