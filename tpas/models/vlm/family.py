@@ -106,7 +106,8 @@ class VLMReranker(RetrievalModel):
         )
 
     def describe(self) -> dict[str, Any]:
-        """Architecture, score mode, prompt, answer tokens and image settings (meta and the score cache key)."""
+        """Architecture, score mode, prompt, answer tokens and image settings (meta and the score cache key; the
+        folder and adapter enter the key by their sha256, not their paths)."""
         archs = getattr(self.hf_config, "architectures", None) or [type(self.hf_config).__name__]
         return {
             "architecture": archs[0],
@@ -117,7 +118,6 @@ class VLMReranker(RetrievalModel):
             **self.answers.describe(),
             "image_processor": image_settings(self.processor.image_processor),
             "attn_implementation": self.attn_implementation,
-            "adapter": str(self.adapter) if self.adapter else None,
             "merge_adapter": self.merge_adapter,
         }
 

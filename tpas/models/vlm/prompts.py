@@ -96,4 +96,9 @@ def prompt_spec(
 
 def render(processor: Any, messages: Messages) -> str:
     """The prompt text as the processor's chat template renders it, ending with the generation prompt."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError, TypeError) as e:
+        raise TpasInputError(f"the processor's chat template cannot render the prompt ({e})") from None
