@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .errors import TpasInputError
+from .errors import TpasInputError, TpasRunError
 from .sims import atomic_write
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
@@ -352,7 +352,7 @@ def run_parallel(
     """Run `steps` at once, each as its own `python -m tpas ...` process with one compute thread.
 
     Each process's console output goes to `log_dir/<n>.log`; progress is the "step" of the last record of each
-    step's JSON-lines `log`. A failed process stops the others and raises TpasInputError quoting its last lines.
+    step's JSON-lines `log`. A failed process stops the others and raises TpasRunError quoting its last lines.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -372,8 +372,8 @@ def run_parallel(
             if failed is not None:
                 step, proc, console_log = failed
                 tail = " | ".join(console_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:])
-                raise TpasInputError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
-                                     console_log)  # fmt: skip
+                raise TpasRunError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
+                                   console_log)  # fmt: skip
             if all(p.poll() == 0 for _, p, _ in procs):
                 return
             time.sleep(poll)
@@ -529,7 +529,7 @@ def _run_group(
         timings.append((step.title, time.perf_counter() - t0, False))
         missing = next((p for p in step.outputs if not p.is_file()), None)
         if missing is not None:
-            raise TpasInputError(f"demo step '{step.title}' finished without writing its output", missing)
+            raise TpasRunError(f"demo step '{step.title}' finished without writing its output {missing}")
         if step.reuse_key is not None:
             state[step.reuse_key] = list(step.argv)
             _save_state(lay.state, state)

@@ -26,12 +26,11 @@ from typing import Any
 import yaml
 
 from ..errors import TpasInputError
-from . import assignment, rescore, sca
 from .fusion import FuseSpec
 from .normalize import check_method
+from .post import get_post_step
 from .rerank_fill import check_fill
 
-POST_STEPS = {"sca": sca.validate, "assignment": assignment.validate, "rescore": rescore.validate}
 INPUT_FORMATS = ("sims", "trec", "csv")
 TOP_KEYS = ("inputs", "normalize", "normalize_per_input", "fuse", "post", "tune")
 
@@ -231,9 +230,8 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         if not isinstance(item, dict) or len(item) != 1:
             raise TpasInputError(f"{key}: expected one step name mapped to its parameters, e.g. {{sca: {{tau: 0}}}}")
         ((name, params),) = item.items()
-        if name not in POST_STEPS:
-            raise TpasInputError(f"{key}: unknown post step {name!r}; choose one of {sorted(POST_STEPS)}")
-        post.append((name, POST_STEPS[name](_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
+        step = get_post_step(name, key)
+        post.append((name, step.validate(_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
     tune = _mapping(raw.get("tune"), "tune")
     return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune)
 

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import TpasInputError
-from .base import Features, RetrievalModel, register
+from .base import TRUST_CHECKPOINT, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import extract_state_dict, load_checkpoint, sha256_file, strip_prefix
 
 TOKENIZER_FILE = "beit3.spm"
@@ -424,7 +424,10 @@ class BEiT3Retrieval(RetrievalModel):
     """
 
     has_match_head: ClassVar[bool] = False
-    options: ClassVar[frozenset[str]] = frozenset({"tokenizer", "trust_checkpoint"})
+    options = (
+        FamilyOption("tokenizer", Path, "sentencepiece model (beit3.spm; default: the one beside the checkpoint)."),
+        TRUST_CHECKPOINT,
+    )
 
     def __init__(self, config: BEiT3Config, tokenizer: BEiT3Tokenizer | None = None, **encoder_overrides: Any):
         super().__init__()
@@ -447,7 +450,6 @@ class BEiT3Retrieval(RetrievalModel):
         *,
         tokenizer: str | Path | None = None,
         trust_checkpoint: bool = False,
-        **options: Any,
     ) -> BEiT3Retrieval:
         """Load an official or fine-tuned BEiT-3 retrieval checkpoint (weights under `model`), strictly.
 
@@ -457,8 +459,6 @@ class BEiT3Retrieval(RetrievalModel):
             tokenizer: `beit3.spm`; default: `beit3.spm` next to the checkpoint.
             trust_checkpoint: allow full unpickling (only for files from a trusted source).
         """
-        if options:
-            raise TpasInputError(f"option(s) {', '.join(sorted(options))} do not apply to beit3")
         if path is None:
             raise TpasInputError(
                 "beit3 needs --checkpoint: one of Microsoft's beit3_{base,large}_patch16_384_{coco,f30k}"
