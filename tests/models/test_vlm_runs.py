@@ -127,15 +127,17 @@ def test_adapter_for_another_base_model_is_refused(vlm_dirs, gallery, tmp_path) 
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
+# Through the CLI, as a user runs `torchrun -m tpas infer vlm ...`.
 _DIST_SCRIPT = """
 import sys
-from tpas.models.engine import infer
-from tpas.models.vlm import VLMReranker
+from tpas.cli import main
 
 folder, images, queries, cand, out = sys.argv[1:6]
-model = VLMReranker.from_checkpoint(folder)
-infer(model, images, queries, out, rerank_k=4, candidates=cand, batch_size=3, num_workers=0, device="cpu",
-      use_cache=False)
+try:
+    main(["infer", "vlm", "--checkpoint", folder, "--images", images, "--queries", queries, "--candidates", cand,
+          "--rerank-k", "4", "--batch-size", "3", "--workers", "0", "--device", "cpu", "--no-cache", "--out", out])
+except SystemExit as e:
+    assert e.code in (0, None), e.code
 """
 
 
