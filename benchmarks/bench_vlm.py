@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.models.vlm_models import build_qwen2_vl
 from tpas.data.pab import list_gallery, read_queries
 from tpas.models.engine import infer
+from tpas.models.hf_folder import quiet_transformers
 from tpas.models.vlm import VLMReranker
-from tpas.models.vlm.loading import quiet_transformers
 from tpas.models.vlm.prompts import DEFAULT_PROMPT
 from tpas.sims import SimsMatrix
 

@@ -198,7 +198,7 @@ def test_bad_options_are_refused_naming_them(vlm_dirs: dict, tmp_path: Path) -> 
 def test_bad_folders_are_refused_naming_what_is_missing(vlm_dirs: dict, tmp_path: Path) -> None:
     import shutil
 
-    with pytest.raises(TpasInputError, match="model folder not found"):
+    with pytest.raises(TpasInputError, match="checkpoint folder not found"):
         VLMReranker.from_checkpoint(tmp_path / "nowhere")
     broken = tmp_path / "broken"
     shutil.copytree(vlm_dirs["qwen2_vl"], broken)

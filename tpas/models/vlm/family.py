@@ -15,9 +15,11 @@ import torch
 
 from ...errors import TpasInputError
 from ..base import FamilyOption, RetrievalModel, register
+from ..hf_folder import missing_folder_error
 from .batching import ImageSegmenter, image_placeholder
 from .loading import (
     ATTN_IMPLEMENTATIONS,
+    EXAMPLE,
     apply_adapter,
     check_adapter_folder,
     image_settings,
@@ -76,7 +78,7 @@ class VLMReranker(RetrievalModel):
     def from_checkpoint(cls, path: Path | None, config: dict[str, Any] | None = None, **options: Any) -> VLMReranker:
         """Check a local transformers folder and the scoring options; the weights load at run time."""
         if path is None:
-            raise TpasInputError("vlm needs --checkpoint DIR (a local transformers model folder)")
+            raise missing_folder_error(None, "vlm", EXAMPLE)
         if config:
             raise TpasInputError("--config does not apply to vlm: the architecture is the folder's config.json")
         unknown = set(options) - {o.name for o in OPTIONS}

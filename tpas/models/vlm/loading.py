@@ -1,39 +1,24 @@
 """Local transformers folders -> processor, model and PEFT adapter, with the checks that make mistakes one line.
 
-Nothing here reaches a model hub: every `from_pretrained` call is `local_files_only`, and a missing folder, config,
-processor or chat template is a TpasInputError naming what is missing.
+Nothing here reaches a model hub: the folder readers of `tpas.models.hf_folder` are offline, and a missing folder,
+config, weight, processor or chat template is a TpasInputError naming what is missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...errors import TpasInputError
+from .. import hf_folder
+from ..hf_folder import missing_folder_error, quiet_transformers
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' progress bars and info logging for the block (library code never prints)."""
-    from transformers.utils import logging as hf_logging
-
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+EXAMPLE = "Qwen/Qwen2.5-VL-7B-Instruct"  # the folder a missing-checkpoint message suggests downloading
 
 
 def read_config(folder: Path) -> Any:
@@ -41,10 +26,8 @@ def read_config(folder: Path) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    if not folder.is_dir():
-        raise TpasInputError("model folder not found (a local transformers folder with config.json)", folder)
-    if not (folder / "config.json").is_file():
-        raise TpasInputError("no config.json: not a transformers model folder", folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise missing_folder_error(folder, "vlm", EXAMPLE)
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -59,15 +42,9 @@ def read_config(folder: Path) -> Any:
 
 def load_processor(folder: Path, min_pixels: int | None, max_pixels: int | None) -> Any:
     """The folder's processor (tokenizer + image processor + chat template), with Qwen-style pixel limits applied."""
-    from transformers import AutoProcessor
-
     if not any((folder / f).is_file() for f in _PROCESSOR_FILES):
         raise TpasInputError(f"no {' or '.join(_PROCESSOR_FILES)}: the folder has no image processor", folder)
-    with quiet_transformers():
-        try:
-            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TpasInputError(f"the processor cannot be loaded ({str(e).splitlines()[0]})", folder) from None
+    processor = hf_folder.load_processor(folder)
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise TpasInputError(f"{type(processor).__name__} is not a processor with a tokenizer and images", folder)
     if not (getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)):
@@ -117,18 +94,14 @@ def image_settings(image_processor: Any) -> dict[str, Any]:
 
 
 def load_weights(folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> torch.nn.Module:
-    """`AutoModelForImageTextToText` from the folder in `dtype`, in eval mode."""
+    """`AutoModelForImageTextToText` from the folder in `dtype` (every weight present), in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    with quiet_transformers():
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
-        except (OSError, ValueError, ImportError) as e:
-            raise TpasInputError(f"the model cannot be loaded ({str(e).splitlines()[0]})", folder) from None
-    return model.eval()
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        return hf_folder.load_weights(AutoModelForImageTextToText, folder, dtype=dtype, **kwargs)
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise TpasInputError(f"the model cannot be loaded ({str(e).splitlines()[0]})", folder) from None
 
 
 def check_adapter_folder(adapter: Path) -> dict[str, Any]:
