@@ -160,3 +160,20 @@ def test_refusals(dual: SimpleNamespace, tmp_path: Path) -> None:
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(TpasInputError, match=r"1 missing.*logit_bias"):
         load_model("hf-dual", broken)
+
+
+def test_family_options_through_the_cli(dual: SimpleNamespace, tiny_gallery: TinyGallery, tmp_path: Path) -> None:
+    images = write_lossless_gallery(tiny_gallery.images, tmp_path / "png")
+    out = tmp_path / "p4flip.pt"
+    args = ["infer", "hf-dual", "--checkpoint", str(dual.siglip2), "--images", str(images), "--queries",
+            str(tiny_gallery.queries), "--out", str(out), "--workers", "0", "--no-cache",
+            "--max-num-patches", "4", "--tta", "hflip"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, (r.output, r.exception)
+    m = SimsMatrix.load(out)
+    assert m.meta["model"]["max_num_patches"] == 4 and m.meta["model"]["tta"] == "hflip"
+    lib = infer(load_model("hf-dual", dual.siglip2, max_num_patches=4, tta="hflip"), images, tiny_gallery.queries,
+                tmp_path / "lib.pt", num_workers=0, use_cache=False)  # fmt: skip
+    torch.testing.assert_close(m.scores, lib.scores, atol=0, rtol=0)
+    r = CliRunner().invoke(app, [*args[:-2], "--tta", "vflip"])
+    assert isinstance(r.exception, TpasInputError) and "--tta must be one of" in str(r.exception)  # main(): exit 2
