@@ -20,7 +20,9 @@ import pytest
 import torch
 import yaml
 
-from tpas.sims import SimsMatrix, atomic_write
+from tpas import io as tpas_io
+from tpas.io import atomic_write
+from tpas.sims import SimsMatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 N_QUERIES, N_GALLERY = 40, 60
@@ -205,15 +207,13 @@ def test_kill_9_of_tpas_infer_while_writing_then_the_next_run_succeeds(tmp_path)
 
 def test_temp_files_of_live_writers_and_other_hosts_are_kept(tmp_path):
     """Only temp files whose writer is gone (same host, pid not running) are removed."""
-    from tpas import sims
-
-    live = tmp_path / f".a.pt.{os.getpid()}@{sims._HOST}.abcdefgh.tmp"
-    other_host = tmp_path / f".a.pt.1@not-{sims._HOST}.abcdefgh.tmp"
+    live = tmp_path / f".a.pt.{os.getpid()}@{tpas_io._HOST}.abcdefgh.tmp"
+    other_host = tmp_path / f".a.pt.1@not-{tpas_io._HOST}.abcdefgh.tmp"
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f".a.pt.{int(dead_pid.stdout)}@{sims._HOST}.abcdefgh.tmp"
+    dead = tmp_path / f".a.pt.{int(dead_pid.stdout)}@{tpas_io._HOST}.abcdefgh.tmp"
     unrelated = tmp_path / ".notes.tmp"
     for p in (live, other_host, dead, unrelated):
         p.write_text("x")
     atomic_write(tmp_path / "b.txt", lambda tmp: tmp.write_text("new"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, unrelated.name, "b.txt"])
-    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~sims._UMASK
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~tpas_io._UMASK

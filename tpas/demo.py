@@ -3,7 +3,7 @@
 Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
 
 1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
-2. `tpas train cmp` x2   two tiny pose-aware CMP models from `configs/train/cmp_tiny.yaml` with different seeds, trained
+2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_tiny`) with different seeds, trained
                          at once in two processes, so the ensemble has two independently trained models to fuse;
 3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
                          and the name-masked test set;
@@ -40,16 +40,17 @@ import pandas as pd
 import yaml
 
 from .errors import TpasInputError, TpasRunError
-from .sims import atomic_write
+from .io import atomic_write
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
+TRAIN_PRESET = "cmp_tiny"  # the packaged configs/train/cmp_tiny.yaml (`tpas train cmp --config cmp_tiny`)
 STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class DemoModel:
-    """One model the demo trains: a name and its `--set` overrides of `configs/train/cmp_tiny.yaml`."""
+    """One model the demo trains: a name and its `--set` overrides of the `cmp_tiny` preset."""
 
     name: str
     overrides: tuple[str, ...]
@@ -138,14 +139,6 @@ class DemoResult:
     def ensemble_gain(self) -> dict[str, float]:
         """Ensemble minus best single model, per metric (percentage points)."""
         return {m: float(self.table.loc[self.ensemble, m] - self.table.loc[self.best_single, m]) for m in METRICS}
-
-
-def _find_train_config() -> Path:
-    """`configs/train/cmp_tiny.yaml` of this checkout (the demo trains from the repository's own config)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "train" / "cmp_tiny.yaml"
-    if not path.is_file():
-        raise TpasInputError("the demo trains from configs/train/cmp_tiny.yaml of a tpas checkout; not found", path)
-    return path
 
 
 class _Layout:
@@ -252,7 +245,7 @@ def _train_steps(lay: _Layout, sz: DemoSize) -> list[Step]:
         steps.append(
             Step(
                 f"train {m.name} (tiny CMP, {sz.train_steps} steps)",
-                command("train", "cmp", config=_find_train_config(), set_=sets),
+                command("train", "cmp", config=TRAIN_PRESET, set_=sets),
                 (out / "checkpoint_last.pth",),
                 reuse_key=f"train/{m.name}",
                 parallel="train",

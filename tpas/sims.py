@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import pickle
 import re
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import torch
 
 from . import __version__
 from .errors import TpasInputError
+from .io import atomic_write, torch_save
 
 FORMAT = "tpas-sims/1"
 
@@ -47,109 +46,6 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     if only_b:
         parts.append(f"only in the second: {', '.join(map(repr, only_b))}")
     return "; ".join(parts)
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place (no half-written files).
-
-    A failed write removes its temp file and raises the OSError naming `path` (not the temp file). The temp file is
-    named `.<name>.<pid>@<host>.<random>.tmp`, so one left by a writer killed hard (SIGKILL, a lost node) is removed
-    by the next write into the same folder from this host, once that pid is gone.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temps(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _naming(e, path) from None
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the mode open() would give it
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _naming(e, path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _naming(e: OSError, path: Path) -> OSError:
-    """The same error about `path` (the CLI prints its filename): the temp file's name would only confuse."""
-    return e if e.errno is None else type(e)(e.errno, e.strerror, str(path))
-
-
-_HOST = os.uname().nodename.replace("/", "_")[:32]  # short enough to keep temp names within NAME_MAX
-# mkstemp's random part is 8 characters of [a-z0-9_].
-_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>.+)\.[a-z0-9_]{8}\.tmp$")
-_swept: set[Path] = set()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
-
-
-def _remove_dead_temps(folder: Path) -> None:
-    """Remove temp files of atomic writes into `folder` whose writer (on this host) no longer runs; once per folder
-    and process, so a folder with many files is listed once, not at every write."""
-    folder = folder.resolve()
-    if folder in _swept:
-        return
-    _swept.add(folder)
-    for entry in os.scandir(folder):
-        m = _TEMP_NAME.match(entry.name)
-        if m and m["host"] == _HOST and not process_exists(int(m["pid"])):
-            Path(entry.path).unlink(missing_ok=True)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether a process with this id runs on this host (owned by anyone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-class _WriteRecorder:
-    """A file wrapper that remembers the OSError of a failed write: torch.save reports one as a RuntimeError
-    ("unexpected pos ...") that no longer says the disk was full."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)`; a write the file system refuses (disk full, file size limit) raises its OSError."""
-    with open(path, "wb") as f:
-        out = _WriteRecorder(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is not None:
-                raise out.error from None
-            raise
 
 
 def _check_meta(meta: Any, where: str = "meta") -> None:

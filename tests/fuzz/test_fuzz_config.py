@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fuzzlib import fuzz_settings, json_objects_with, json_values, text_variants, valid_or_refused
-from hypothesis import Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tpas.ensemble.config import load_config
@@ -61,10 +61,7 @@ def test_ensemble_configs_load_or_are_refused_in_one_line(content, sets, tmp_pat
     _refused_or_config(load_config, path, sets)
 
 
-# tpas/train/config.py reads YAML itself (UnicodeDecodeError, multi-line YAML errors); the shared reader in
-# tpas/io.py replaces it, and this test then passes (strict: an XPASS fails, so the marker cannot outlive the fix).
-@pytest.mark.xfail(strict=True, reason="train config reader crashes on non-UTF-8 bytes; fixed by the io.read_yaml move")
-@settings(fuzz_settings(200), phases=[Phase.explicit, Phase.generate])  # no shrinking while it is known to fail
+@fuzz_settings(200)
 @given(content=_yaml_files(TRAIN), sets=overrides)
 def test_train_configs_load_or_are_refused_in_one_line(content, sets, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "fuzz-train.yaml"
@@ -72,11 +69,7 @@ def test_train_configs_load_or_are_refused_in_one_line(content, sets, tmp_path_f
     _refused_or_config(load_train_config, path, sets)
 
 
-@pytest.mark.parametrize(
-    "read",
-    [load_config, pytest.param(load_train_config, marks=pytest.mark.xfail(strict=True, reason="see above"))],
-    ids=["ensemble", "train"],
-)
+@pytest.mark.parametrize("read", [load_config, load_train_config], ids=["ensemble", "train"])
 @pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[" * 2000 + b"]" * 2000], ids=["binary", "deep"])
 def test_undecodable_or_deeply_nested_yaml_is_refused(read, content, tmp_path):
     path = tmp_path / "config.yaml"

@@ -31,9 +31,7 @@ NoSuchOption = _click_exceptions.NoSuchOption
 _NoArgsIsHelp = getattr(_click_exceptions, "NoArgsIsHelpError", ())  # older click prints help without raising
 
 TIES_HELP = "Tie rule: stable (equal scores keep gallery order, as the ranking file) | optimistic | pessimistic."
-TIES = ("stable", "optimistic", "pessimistic")
 MATCH_HELP = "Relevant images: image (PAB protocol) | identity (same image_id)."
-MATCHES = ("image", "identity")
 SET_HELP = "Override a config key, e.g. --set fuse.weights=[0.1,0.9,0.9] --set inputs.clip=other.pt (repeatable)."
 
 
@@ -42,6 +40,14 @@ def existing_file(path: Path) -> Path:
     if not path.is_file():
         raise TpasInputError("file not found", path)
     return path
+
+
+def policies(match: str, ties: str) -> tuple[str, str]:
+    """`--match` and `--ties` checked against the scoring enums (one line naming the option otherwise)."""
+    from ..ranking import Ties
+    from ..scoring.relevance import Match
+
+    return choice(match, tuple(m.value for m in Match), "--match"), choice(ties, tuple(t.value for t in Ties), "--ties")
 
 
 def choice(value: str, choices: Sequence[str], option: str) -> str:

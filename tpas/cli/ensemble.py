@@ -7,14 +7,17 @@ from typing import Annotated
 
 import typer
 
-from .common import SET_HELP, console, err_console, existing_file, progress_bar
+from .common import MATCH_HELP, SET_HELP, TIES_HELP, console, err_console, existing_file, policies, progress_bar
 
 app = typer.Typer()
 
 
 @app.command("ensemble")
 def ensemble_cmd(
-    config: Annotated[Path, typer.Option("--config", help="Ensemble config (YAML), see configs/ensemble/.")],
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="Ensemble config: a packaged preset (www25_iterative, ...) or a YAML file."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Fused SimsMatrix file to write.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
@@ -26,7 +29,7 @@ def ensemble_cmd(
     from ..ensemble.config import load_config
     from ..ensemble.pipeline import run_ensemble
 
-    cfg = load_config(existing_file(config), set_ or [])
+    cfg = load_config(config, set_ or [])
     with progress_bar("fusing") as update:
         fused, steps = run_ensemble(cfg, progress=lambda what, done, total: update(done, total, what))
         fused.save(out)
@@ -48,7 +51,10 @@ def ensemble_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    config: Annotated[Path, typer.Option("--config", help="Ensemble config (YAML) with an optional `tune` space.")],
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="Ensemble config (packaged preset or YAML file) with an optional `tune` space."),
+    ],
     gt: Annotated[Path, typer.Option("--gt", help="Test annotation with the ground truth (attr.json).")],
     out: Annotated[Path, typer.Option("--out", help="Tuned config to write (same schema); report and CSV beside.")],
     metric: Annotated[str, typer.Option(help="Objective: R@1, R@5, R@10, mAP, mINP, or a mix '0.5*R@1+0.5*mAP'.")] = "",
@@ -58,6 +64,8 @@ def tune_cmd(
     folds: Annotated[int, typer.Option(help="K-fold cross-validation over queries (0: none).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same trials and folds.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    ties: Annotated[str, typer.Option("--ties", help=TIES_HELP)] = "stable",
+    match: Annotated[str, typer.Option("--match", help=MATCH_HELP)] = "image",
 ) -> None:
     """Tune fusion weights (and any other listed parameter) on a labelled split; write the tuned config + report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,7 +74,8 @@ def tune_cmd(
     from ..ensemble.config import load_config
     from ..ensemble.tune import tune, write_outputs
 
-    cfg = load_config(existing_file(config), set_ or [])
+    match, ties = policies(match, ties)
+    cfg = load_config(config, set_ or [])
     truth = load_ground_truth(existing_file(gt))
     columns = (
         TextColumn("{task.description}"),
@@ -85,6 +94,8 @@ def tune_cmd(
         result = tune(
             cfg,
             truth,
+            match=match,
+            ties=ties,
             metric=metric or None,
             search=search,
             trials=trials,

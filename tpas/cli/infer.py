@@ -17,26 +17,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import TpasInputError
-from .common import NoSuchOption, console, err_console, existing_file
+from .common import NoSuchOption, console, err_console
 
 if TYPE_CHECKING:
     from ..models.base import FamilyOption, RetrievalModel
 
 
 def _read_model_config(path: Path | None, family: str) -> dict | None:
-    """A configs/models/*.yaml file as a dict (its optional `family` key must name this family)."""
+    """A model config (a packaged preset such as `cmp`, or a YAML file) as a dict; its optional `family` key must
+    name this family."""
     if path is None:
         return None
-    import yaml
+    from ..io import read_config
 
-    try:
-        data = yaml.safe_load(existing_file(path).read_text())
-    except yaml.YAMLError as e:
-        raise TpasInputError(f"not valid YAML ({' '.join(str(e).split())})", path) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise TpasInputError(f"expected a mapping of config keys, found {type(data).__name__}", path)
+    data = read_config(path, "models", expected="a mapping of config keys")
     if data.get("family", family) != family:
         raise TpasInputError(f"is a config for {data['family']!r}, not {family!r}", path)
     return data
@@ -123,7 +117,9 @@ def infer_family(
         return
     q, g = sims.shape
     line = f"{out}: {q} queries x {g} gallery images ({sims.source}) in {time.perf_counter() - t0:.1f} s"
-    if rerank_k is not None:
+    if getattr(model, "pair_reranker", False):
+        line += f"; top-{rerank_k} scores of the candidates in {candidates}"
+    elif rerank_k is not None:
         line += f"; ITC matrix: {itc_path_for(out)}; raw ITM (top-{rerank_k}): {itm_path_for(out)}"
     skipped = sims.meta.get("skipped_images") or []
     if skipped:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import TpasInputError
-from .common import MATCH_HELP, MATCHES, TIES, TIES_HELP, choice, console, err_console, existing_file, print_error
+from .common import MATCH_HELP, TIES_HELP, choice, console, err_console, existing_file, policies, print_error
 
 app = typer.Typer()
 
@@ -44,11 +44,11 @@ def evaluate_cmd(
     import json as _json
 
     from ..data.pab import load_ground_truth
+    from ..io import atomic_write
     from ..scoring import evaluate
-    from ..sims import SimsMatrix, atomic_write
+    from ..sims import SimsMatrix
 
-    ties = choice(ties, TIES, "--ties")
-    match = choice(match, MATCHES, "--match")
+    match, ties = policies(match, ties)
     columns = [c.strip() for c in by.split(",") if c.strip()] if by else []
     matrix = SimsMatrix.load(existing_file(sims))
     truth = load_ground_truth(existing_file(gt))
@@ -89,12 +89,12 @@ def compare_cmd(
     from rich.table import Table
 
     from ..data.pab import load_ground_truth
+    from ..io import atomic_write
     from ..scoring import evaluate
     from ..scoring.compare import compare_evaluations
-    from ..sims import SimsMatrix, atomic_write
+    from ..sims import SimsMatrix
 
-    ties = choice(ties, TIES, "--ties")
-    match = choice(match, MATCHES, "--match")
+    match, ties = policies(match, ties)
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     if len({baseline.name, *(m.name for m in models)}) != len(models) + 1:
         raise TpasInputError("compare distinct files: a file is given twice (or two share a name)")

@@ -8,14 +8,16 @@ from typing import Annotated
 
 import typer
 
-from .common import console, err_console, existing_file
+from .common import console, err_console
 
 app = typer.Typer(help="Train a model family (CMP).", no_args_is_help=True)
 
 
 @app.command("cmp")
 def train_cmp_cmd(
-    config: Annotated[Path, typer.Option("--config", help="Training YAML (configs/train/cmp.yaml).")],
+    config: Annotated[
+        Path, typer.Option("--config", help="Training config: a packaged preset (cmp, cmp_tiny) or a YAML file.")
+    ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint_last.pth.")] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3 (repeatable).")
@@ -28,7 +30,7 @@ def train_cmp_cmd(
     from ..train.config import load_train_config
     from ..train.trainer import train
 
-    cfg = load_train_config(existing_file(config), set_ or [])
+    cfg = load_train_config(config, set_ or [])
     main_proc = int(os.environ.get("RANK", "0")) == 0
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip

@@ -169,8 +169,9 @@ def get_model_class(name: str) -> type[RetrievalModel]:
     Imports as little as it can: a registered name costs nothing, `tpas.models.<name>` is tried next (so `tpas infer
     clip` never imports transformers or torchscale), then an entry point of that name, and only then everything.
     """
-    if name not in _REGISTRY and name.isidentifier() and importlib.util.find_spec(f"{__package__}.{name}"):
-        importlib.import_module(f"{__package__}.{name}")
+    module = name.replace("-", "_")  # `tpas infer hf-dual` lives in hf_dual.py
+    if name not in _REGISTRY and module.isidentifier() and importlib.util.find_spec(f"{__package__}.{module}"):
+        importlib.import_module(f"{__package__}.{module}")
     if name not in _REGISTRY:
         for ep in _entry_points():
             if ep.name == name:
