@@ -165,7 +165,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as e:
-        raise TpasInputError(f"--set {key}: value {value!r} is not valid YAML ({e.problem})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # a ReaderError has no .problem
+        raise TpasInputError(f"--set {key}: value {value!r} is not valid YAML ({problem})") from None
     return key, parsed
 
 
