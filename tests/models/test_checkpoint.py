@@ -164,3 +164,20 @@ def test_tpas_infer_with_a_broken_checkpoint_prints_one_line_and_exits_2(family,
         )
         assert lines[0].startswith("error: ") and str(target) in lines[0] and expected in lines[0], lines[0]
         assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_transformers_folder_with_a_broken_weight_file_is_one_line(tmp_path, capsys):
+    """The transformers-folder families (hf-dual, vlm, vlm-embed) share hf_folder.load_weights, which checks first."""
+    from encoder_kit import write_hf_dual_folder
+
+    folder = write_hf_dual_folder(tmp_path / "siglip", "siglip")
+    good = (folder / "model.safetensors").read_bytes()
+    capsys.readouterr()  # transformers' own chatter while the folder was written
+    cases = {b"": "empty file (0 bytes)", b"<html></html>": "HTML page", good[:500]: "truncated safetensors file",
+             good[:-100]: "weights do not load"}  # fmt: skip
+    for content, looks_like in cases.items():
+        (folder / "model.safetensors").write_bytes(content)
+        code, err = _cli(capsys, "infer", "hf-dual", "--checkpoint", folder, "--images", tmp_path, "--queries",
+                         tmp_path / "q.txt", "--out", tmp_path / "out.pt")  # fmt: skip
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and str(folder) in lines[0] and looks_like in lines[0], err

@@ -89,6 +89,12 @@ def sniff(path: str | Path) -> FileKind:
         return FileKind("tar", f"tar archive ({size:,} bytes)", "unpack it (tar -xf) and pass the checkpoint inside")
     if _is_safetensors(head, size):
         return FileKind("safetensors", f"safetensors file ({size:,} bytes)")
+    if len(head) >= 10 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > size - 8:
+        return FileKind(
+            "safetensors-truncated",
+            f"truncated safetensors file ({size:,} bytes, shorter than its own header)",
+            f"the download was probably cut off; {_REDOWNLOAD}",
+        )
     if head.startswith(b"\x93NUMPY"):
         return FileKind("numpy", f"NumPy .npy array ({size:,} bytes)")
     return _sniff_text(head, size)
@@ -196,6 +202,15 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
         raise TpasInputError(_damaged(kind, e), path) from None
     except Exception as e:  # any failure inside a deserialiser means a damaged file, reported as one line
         raise TpasInputError(_damaged(kind, e), path) from None
+
+
+def check_weight_files(folder: Path) -> None:
+    """TpasInputError naming the first weight file of a model folder (`*.safetensors`, `*.bin`) that is not weights
+    (empty, a web page, a Git LFS pointer, truncated), before a library with its own error types opens it."""
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        kind = sniff(f)
+        if kind.kind not in WEIGHT_KINDS:
+            raise TpasInputError(kind.refusal(), f)
 
 
 def _deserialise(path: Path, kind: str, trust: bool) -> Any:
