@@ -7,7 +7,7 @@ import importlib
 from .base import RetrievalModel, get_model_class, list_models, load_model, register
 
 # Family modules register themselves on import; importing them lazily keeps `tpas --help` fast.
-_FAMILY_MODULES = ("clip", "blip2", "beit3", "cmp")
+_FAMILY_MODULES = ("clip", "blip2", "beit3", "cmp", "xvlm")
 
 
 def _load_families() -> None:
