@@ -265,3 +265,65 @@ def test_match_trims_padding_without_changing_scores():
         full = model.itm_logits(model.cross_cls(states, mask, tokens))[:, 1]
         got = model.match({"states": states, "attention_mask": mask}, {"tokens": tokens})
     assert torch.allclose(got, full, atol=1e-5)
+
+
+# ---------------------------------------------------------------- X-VLM 16M pre-training as an initialisation
+def fake_pretraining_state(seed: int = 1, **overrides) -> dict[str, torch.Tensor]:
+    """A tiny X-VLM pre-training state dict: BertForMaskedLM text side, Linear projections, itm_head, bbox_head."""
+    model = tiny("xvlm", seed=seed, mlm_head=True, **overrides)
+    from tpas.models.xvlm.model import itm_mlp
+
+    bbox = itm_mlp(model.config.text_width)
+    bbox[3] = torch.nn.Linear(2 * model.config.text_width, 4)
+    state = dict(model.state_dict())
+    state.update({f"bbox_head.{k}": v for k, v in bbox.state_dict().items()})
+    return state
+
+
+def test_pretraining_checkpoint_initialises_cmp_key_by_key(tmp_path):
+    from tests.models.test_cmp import tiny_model
+    from tpas.models.xvlm import load_xvlm_pretrained
+
+    state = fake_pretraining_state()
+    torch.save({"model": state, "config": {"embed_dim": 32}}, tmp_path / "16m.th")
+    cmp = tiny_model()
+    before = {k: v.clone() for k, v in cmp.state_dict().items()}
+    report = load_xvlm_pretrained(cmp, tmp_path / "16m.th")
+    after = cmp.state_dict()
+    # Swin, BERT (text, fusion, MLM head), temp and itm_head carry over; X-VLM's Linear projections and bbox_head
+    # have no place in CMP; CMP's BatchNorm projections and pose branch keep their initialisation.
+    assert set(report.unexpected) == {k for k in state if k.startswith(("vision_proj.", "text_proj.", "bbox_head."))}
+    assert set(report.missing) == {k for k in after if k.startswith(("vision_proj.", "text_proj.", "pose_"))}
+    assert set(report.loaded) == set(after) - set(report.missing) and not report.reinitialised
+    assert "temp" in report.loaded and "itm_head.3.weight" in report.loaded
+    for k in report.loaded:
+        assert torch.equal(after[k], state[k]), k
+    for k in report.missing:
+        assert torch.equal(after[k], before[k]), k
+    assert report.lines()[0].startswith("loaded ") and report.summary().startswith(f"{len(report.loaded)} loaded")
+    # The tied MLM decoder still is the word embedding matrix.
+    assert cmp.text_encoder.cls.predictions.decoder.weight is cmp.text_encoder.bert.embeddings.word_embeddings.weight
+
+
+def test_pretraining_checkpoint_renames_for_xvlm_and_refuses_misfits(tmp_path):
+    from tpas.models.xvlm import load_xvlm_pretrained
+
+    state = fake_pretraining_state()
+    torch.save(state, tmp_path / "16m.th")
+    target = tiny("xvlm", seed=3)
+    report = load_xvlm_pretrained(target, tmp_path / "16m.th")
+    # X-VLM's fine-tuning loader drops the `bert.` level; the MLM head and bbox_head are left out.
+    assert report.renamed["text_encoder.bert.embeddings.word_embeddings.weight"] == (
+        "text_encoder.embeddings.word_embeddings.weight"
+    )
+    assert not report.missing and all(k.startswith(("text_encoder.cls.", "bbox_head.")) for k in report.unexpected)
+    assert torch.equal(target.vision_proj.weight, state["vision_proj.weight"])
+    # A checkpoint for another input size: its shifted-window masks are recomputed, not copied.
+    other = fake_pretraining_state(image_size=(128, 128))
+    torch.save(other, tmp_path / "128px.th")
+    report = load_xvlm_pretrained(tiny("xvlm"), tmp_path / "128px.th")
+    assert report.reinitialised == [k for k in other if k.endswith("attn_mask")]
+    # A learnable tensor of another shape stops the load, naming it.
+    torch.save(fake_pretraining_state(window_size=4), tmp_path / "w4.th")
+    with pytest.raises(TpasInputError, match=r"relative_position_bias_table \(49, 1\) \(model \(9, 1\)\)"):
+        load_xvlm_pretrained(tiny("xvlm"), tmp_path / "w4.th")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..base import register
 from .config import APTM_NORMS, XVLMConfig, infer_xvlm_config, observed_image_hw
 from .model import APTM, XVLM, XVLMFamily, config_from_mapping, xvlm_fill
+from .pretrained import PretrainedReport, load_xvlm_pretrained
 from .text import clean_xvlm_caption
 
 register("xvlm")(XVLM)
@@ -15,11 +16,13 @@ __all__ = [
     "APTM",
     "APTM_NORMS",
     "XVLM",
+    "PretrainedReport",
     "XVLMConfig",
     "XVLMFamily",
     "clean_xvlm_caption",
     "config_from_mapping",
     "infer_xvlm_config",
+    "load_xvlm_pretrained",
     "observed_image_hw",
     "xvlm_fill",
 ]
