@@ -327,3 +327,33 @@ def test_pretraining_checkpoint_renames_for_xvlm_and_refuses_misfits(tmp_path):
     torch.save(fake_pretraining_state(window_size=4), tmp_path / "w4.th")
     with pytest.raises(TpasInputError, match=r"relative_position_bias_table \(49, 1\) \(model \(9, 1\)\)"):
         load_xvlm_pretrained(tiny("xvlm"), tmp_path / "w4.th")
+
+
+# ---------------------------------------------------------------- CLI
+def run_cli(argv: list[str]) -> int:
+    """Exit code of `tpas ARGV` (0 when the app returns without raising SystemExit)."""
+    from tpas.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_infer_xvlm_rerank_and_refusal(tmp_path):
+    root = tmp_path / "kit"
+    root.mkdir()
+    torch.save({"model": tiny("xvlm").state_dict()}, root / "xvlm.pth")
+    write_vocab(root / "vocab.txt")
+    g = make_tiny_gallery(root / "data", n_images=6, n_queries=4)
+    out = tmp_path / "xvlm.pt"
+    args = ["infer", "xvlm", "--images", str(g.images), "--queries", str(g.queries), "--checkpoint",
+            str(root / "xvlm.pth"), "--workers", "0", "--no-cache", "--device", "cpu"]  # fmt: skip
+    assert run_cli([*args, "--rerank-k", "2", "--out", str(out)]) == 0
+    final, itc = SimsMatrix.load(out), SimsMatrix.load(tmp_path / "xvlm.itc.pt")
+    assert final.shape == itc.shape == (4, 6) and ((final.scores != -100.0).sum(dim=1) == 2).all()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: xvlm\nwindow_size: 7\n")
+    assert run_cli([*args, "--config", str(bad), "--out", str(tmp_path / "y.pt")]) == 2
+    assert not (tmp_path / "y.pt").exists()

@@ -27,13 +27,22 @@ from PIL import Image
 from torch import nn
 
 from ...errors import TpasInputError
-from ..base import Features, RetrievalModel
+from ..base import FamilyOption, Features, RetrievalModel
 from ..cmp.bert import BertForMaskedLM, BertModel, trim_trailing_padding
 from ..cmp.model import CMPPreprocess, cmp_final_scores, load_state_dict_strict
 from ..cmp.swin import SwinEncoder
 from ..cmp.text import CMPTokenizer, find_vocab
 from .config import APTM_NORMS, ARCHITECTURE_FIELDS, XVLMConfig, infer_xvlm_config, observed_image_hw
 from .text import clean_xvlm_caption
+
+TRAINED_ON = FamilyOption(
+    "trained_on",
+    str,
+    "Data set the APTM checkpoint was fine-tuned on: its image statistics (and, for icfg/rstp, its caption rule).",
+    default="cuhk",
+    choices=tuple(APTM_NORMS),
+)
+"""`tpas infer aptm --trained-on`: the checkpoint does not say which data set's statistics it was trained with."""
 
 XVLM_FILL = -100.0
 """X-VLM's value for the cells of a re-ranked row outside its top-k (Retrieval.py: torch.full(..., -100.0))."""
