@@ -3,7 +3,7 @@
 Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
 
 1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
-2. `tpas train cmp` x2   two tiny pose-aware CMP models from `configs/train/cmp_tiny.yaml` with different seeds, trained
+2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_tiny`) with different seeds, trained
                          at once in two processes, so the ensemble has two independently trained models to fuse;
 3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
                          and the name-masked test set;
@@ -39,17 +39,18 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .errors import TpasInputError
-from .sims import atomic_write
+from .errors import TpasInputError, TpasRunError
+from .io import atomic_write
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
+TRAIN_PRESET = "cmp_tiny"  # the packaged configs/train/cmp_tiny.yaml (`tpas train cmp --config cmp_tiny`)
 STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class DemoModel:
-    """One model the demo trains: a name and its `--set` overrides of `configs/train/cmp_tiny.yaml`."""
+    """One model the demo trains: a name and its `--set` overrides of the `cmp_tiny` preset."""
 
     name: str
     overrides: tuple[str, ...]
@@ -138,14 +139,6 @@ class DemoResult:
     def ensemble_gain(self) -> dict[str, float]:
         """Ensemble minus best single model, per metric (percentage points)."""
         return {m: float(self.table.loc[self.ensemble, m] - self.table.loc[self.best_single, m]) for m in METRICS}
-
-
-def _find_train_config() -> Path:
-    """`configs/train/cmp_tiny.yaml` of this checkout (the demo trains from the repository's own config)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "train" / "cmp_tiny.yaml"
-    if not path.is_file():
-        raise TpasInputError("the demo trains from configs/train/cmp_tiny.yaml of a tpas checkout; not found", path)
-    return path
 
 
 class _Layout:
@@ -252,7 +245,7 @@ def _train_steps(lay: _Layout, sz: DemoSize) -> list[Step]:
         steps.append(
             Step(
                 f"train {m.name} (tiny CMP, {sz.train_steps} steps)",
-                command("train", "cmp", config=_find_train_config(), set_=sets),
+                command("train", "cmp", config=TRAIN_PRESET, set_=sets),
                 (out / "checkpoint_last.pth",),
                 reuse_key=f"train/{m.name}",
                 parallel="train",
@@ -352,7 +345,7 @@ def run_parallel(
     """Run `steps` at once, each as its own `python -m tpas ...` process with one compute thread.
 
     Each process's console output goes to `log_dir/<n>.log`; progress is the "step" of the last record of each
-    step's JSON-lines `log`. A failed process stops the others and raises TpasInputError quoting its last lines.
+    step's JSON-lines `log`. A failed process stops the others and raises TpasRunError quoting its last lines.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -372,8 +365,8 @@ def run_parallel(
             if failed is not None:
                 step, proc, console_log = failed
                 tail = " | ".join(console_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:])
-                raise TpasInputError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
-                                     console_log)  # fmt: skip
+                raise TpasRunError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
+                                   console_log)  # fmt: skip
             if all(p.poll() == 0 for _, p, _ in procs):
                 return
             time.sleep(poll)
@@ -529,7 +522,7 @@ def _run_group(
         timings.append((step.title, time.perf_counter() - t0, False))
         missing = next((p for p in step.outputs if not p.is_file()), None)
         if missing is not None:
-            raise TpasInputError(f"demo step '{step.title}' finished without writing its output", missing)
+            raise TpasRunError(f"demo step '{step.title}' finished without writing its output {missing}")
         if step.reuse_key is not None:
             state[step.reuse_key] = list(step.argv)
             _save_state(lay.state, state)

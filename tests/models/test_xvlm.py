@@ -166,7 +166,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(kit, tmp_path):
     with pytest.raises(TpasInputError, match="do not apply"):
         load_model("xvlm", kit["ckpt"], vocab=vocab, trained_on="icfg")
     if family == "aptm":
-        with pytest.raises(TpasInputError, match="--trained-on 'market'"):
+        with pytest.raises(TpasInputError, match=r"--trained-on must be one of cuhk.*'market'"):
             load_model(family, kit["ckpt"], vocab=vocab, trained_on="market")
 
 
@@ -357,3 +357,18 @@ def test_cli_infer_xvlm_rerank_and_refusal(tmp_path):
     bad.write_text("family: xvlm\nwindow_size: 7\n")
     assert run_cli([*args, "--config", str(bad), "--out", str(tmp_path / "y.pt")]) == 2
     assert not (tmp_path / "y.pt").exists()
+
+
+def test_cli_infer_aptm_trained_on_selects_statistics_and_caption_rule(tmp_path):
+    root = tmp_path / "kit"
+    root.mkdir()
+    torch.save({"model": tiny("aptm").state_dict()}, root / "aptm.pth")
+    write_vocab(root / "vocab.txt")
+    g = make_tiny_gallery(root / "data", n_images=5, n_queries=3)
+    args = ["infer", "aptm", "--images", str(g.images), "--queries", str(g.queries), "--checkpoint",
+            str(root / "aptm.pth"), "--workers", "0", "--no-cache", "--device", "cpu"]  # fmt: skip
+    assert run_cli([*args, "--trained-on", "rstp", "--rerank-k", "2", "--out", str(tmp_path / "a.pt")]) == 0
+    pre = SimsMatrix.load(tmp_path / "a.pt").meta["model"]["preprocess"]
+    assert pre["mean"] == list(APTM_NORMS["rstp"][0]) and pre["caption_cleaning"] == "alnum"
+    assert run_cli([*args, "--trained-on", "market", "--out", str(tmp_path / "b.pt")]) == 2
+    assert not (tmp_path / "b.pt").exists()

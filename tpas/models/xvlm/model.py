@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ...errors import TpasInputError
-from ..base import FamilyOption, Features, RetrievalModel
+from ..base import TRUST_CHECKPOINT, VOCAB, FamilyOption, Features, RetrievalModel
 from ..cmp.bert import BertForMaskedLM, BertModel, trim_trailing_padding
 from ..cmp.model import CMPPreprocess, cmp_final_scores, load_state_dict_strict
 from ..cmp.swin import SwinEncoder
@@ -61,7 +61,7 @@ class XVLMFamily(RetrievalModel):
     """
 
     has_match_head = True
-    options: ClassVar[Any] = frozenset({"vocab", "trust_checkpoint"})
+    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT)
     # How `finalize_rerank` combines the scores (goes into describe()).
     final_rule: ClassVar[str] = ""
 
@@ -280,7 +280,7 @@ class XVLM(XVLMFamily):
 class APTM(XVLMFamily):
     """APTM (Shuyu-XJTU/APTM): X-VLM's design at 384 x 128 with window 8; CMP's final combination."""
 
-    options: ClassVar[Any] = frozenset({"vocab", "trust_checkpoint", "trained_on"})
+    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT, TRAINED_ON)
     final_rule = "minmax(itm filled with row min) + 0.002 * minmax(itc), global"
 
     @classmethod
