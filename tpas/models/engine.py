@@ -294,6 +294,11 @@ def infer(
     Returns:
         The written matrix (the re-ranked one when re-ranking); every rank returns it under torchrun.
     """
+    if getattr(model, "pair_reranker", False):  # VLM re-rankers score candidate pairs only (tpas.models.vlm)
+        return model.rerank_pairs(images_dir, queries, out, pose_dir=pose_dir, rerank_k=rerank_k, candidates=candidates,
+                                  batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                                  cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
+                                  progress=progress)  # fmt: skip
     out = Path(out)
     if out.is_dir():
         raise TpasInputError("--out must be a file path, not a folder", out)
