@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_fixtures import random_batch, tiny_model
 
-from tpas.train import distributed as du
+from tpas.runtime import distributed
 from tpas.train.losses import CMPLossModule, LossConfig
 
 GLOBAL_BATCH = 8
@@ -41,18 +41,16 @@ def global_batch() -> dict[str, torch.Tensor]:
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
-    du.setup("cpu")
-    rank, world = du.rank(), du.world_size()
-    model = build_model()
-    n = GLOBAL_BATCH // world
-    local = {k: v[rank * n : (rank + 1) * n] for k, v in global_batch().items()}
-    module = torch.nn.parallel.DistributedDataParallel(CMPLossModule(model, LOSS_CONFIG))
-    losses = module(local)
-    losses["total"].backward()
-    if rank == 0:
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-        torch.save({"grads": grads, "world": world}, out)
-    du.cleanup()
+    with distributed(torch.device("cpu")) as dist:
+        model = build_model()
+        n = GLOBAL_BATCH // dist.world
+        local = {k: v[dist.rank * n : (dist.rank + 1) * n] for k, v in global_batch().items()}
+        module = torch.nn.parallel.DistributedDataParallel(CMPLossModule(model, LOSS_CONFIG))
+        losses = module(local)
+        losses["total"].backward()
+        if dist.rank == 0:
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+            torch.save({"grads": grads, "world": dist.world}, out)
 
 
 if __name__ == "__main__":

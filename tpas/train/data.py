@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from ..data.pab import TestRecord, TrainRecord
+from ..data.pab import TrainRecord
 from ..errors import TpasInputError
 from .masking import MaskingConfig, mask_tokens
 from .text_aug import eda
@@ -231,23 +231,3 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             out["pose"] = pose
             out["hard_pose"] = hard_pose  # type: ignore[assignment]
         return out
-
-
-class EvalImages(torch.utils.data.Dataset):
-    """Images (and pose maps) of an evaluation annotation with the model's test-time preprocessing."""
-
-    def __init__(self, records: Sequence[TestRecord], root: str | Path, preprocess: Any, pose: bool) -> None:
-        self.records = list(records)
-        self.root = Path(root)
-        self.preprocess = preprocess
-        self.pose = pose
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        r = self.records[index]
-        where = f"record {index} (image_id {r.image_id})"
-        image = load_rgb(self.root / r.image, where)
-        pose = load_rgb(self.root / "pose" / r.image, where) if self.pose else None
-        return self.preprocess(image, pose)
