@@ -132,10 +132,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_schedule_and_parameter_groups_follow_the_recipe() -> None:
-    assert lr_factor(0, 1000, 500, 1e-4, 1e-5) == 0.0
-    assert lr_factor(250, 1000, 500, 1e-4, 1e-5) == pytest.approx(0.5)
-    assert lr_factor(500, 1000, 500, 1e-4, 1e-5) == pytest.approx(1.0)
-    assert lr_factor(1000, 1000, 500, 1e-4, 1e-5) == pytest.approx(0.1)  # ends at 1e-5
+    assert lr_factor(0, 1000, 500, 1e-4, 1e-5, "linear") == 0.0
+    assert lr_factor(250, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(0.5)
+    assert lr_factor(500, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(1.0)
+    assert lr_factor(1000, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(0.1)  # ends at 1e-5
     model = tiny_model()
     cfg = load_train_config(TINY_YAML)
     groups = {g["name"]: g for g in param_groups(model, cfg["optim"])}

@@ -38,7 +38,7 @@ from .evaluation import evaluate_model
 from .losses import CMPLossModule, LossConfig
 from .masking import MaskingConfig
 from .model_setup import build_model_config, enable_gradient_checkpointing, initialise
-from .optim import lr_factor, param_groups, set_lr
+from .optim import check_schedule, lr_factor, param_groups, set_lr
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -195,6 +195,7 @@ def _set_up(cfg: dict[str, Any], dev: torch.device, amp: Precision, dist: Distri
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[dev.index] if dev.type == "cuda" else None
         )
+    check_schedule(str(optim_cfg["schedule"]))
     optimizer = torch.optim.AdamW(
         param_groups(model, optim_cfg), lr=float(optim_cfg["lr"]), betas=tuple(optim_cfg["betas"]),
         eps=float(optim_cfg["eps"]),
@@ -355,7 +356,8 @@ def _step(run: _Run, state: _State, batch: dict[str, torch.Tensor]) -> tuple[dic
     optim_cfg = run.cfg["optim"]
     base_lr = float(optim_cfg["lr"])
     batch = {k: v.to(run.dev, non_blocking=True) for k, v in batch.items()}
-    factor = lr_factor(state.step, run.total_steps, int(optim_cfg["warmup_steps"]), base_lr, float(optim_cfg["lr_end"]))
+    factor = lr_factor(state.step, run.total_steps, int(optim_cfg["warmup_steps"]), base_lr, float(optim_cfg["lr_end"]),
+                       str(optim_cfg["schedule"]))  # fmt: skip
     lr = set_lr(run.optimizer, base_lr, factor)
     with run.amp.autocast():
         losses = run.loss_module(batch)
