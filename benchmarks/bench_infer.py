@@ -5,7 +5,12 @@ features to numpy per item, L2-normalised in numpy; captions encoded one at a ti
 Engine: `tpas.models.engine.infer` with DataLoader workers, batched inference_mode encoding, feature store (a cold
 run, `use_cache=False`, is what is compared; a warm re-run from the cache is printed as well).
 
-Run: .venv/bin/python benchmarks/bench_infer.py [--images 256] [--queries 64] [--batch-size 32] [--workers N]
+`--path siglip` runs the same comparison for an open_clip SigLIP folder (timm MAP-pooled ViT, HF tokenizer, text
+padded to 64), `--path vlm-embed` for a tiny Qwen2-VL embedding model (GME prompts, last-token pooling; the loop runs
+the processor and the backbone one prompt at a time, as GME's own script does with batch size 1).
+
+Run: .venv/bin/python benchmarks/bench_infer.py [--path clip|siglip|vlm-embed] [--images 256] [--queries 64]
+     [--batch-size 32] [--workers N]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # encoder_kit: tiny model folders
 
 import tpas.models  # noqa: F401 - makes torchvision importable before open_clip
 from tpas.models import load_model
@@ -76,8 +82,66 @@ def seed_approach(model: torch.nn.Module, transform, tokenizer, gallery: Path, c
     return (img @ txt.T).T
 
 
+def siglip_folder(root: Path) -> Path:
+    """An open_clip SigLIP folder the size of SMALL_CFG: 112 px, patch 16, width 192 x 4; text 192 x 2, 64 tokens."""
+    from encoder_kit import (
+        SIGLIP_PREPROCESS,
+        hf_word_tokenizer,
+        open_clip_siglip_cfg,
+        register_siglip_tower,
+        word_vocab,
+        write_open_clip_folder,
+    )
+
+    register_siglip_tower("bench_vit_siglip_small", img_size=112, patch_size=16, embed_dim=192, depth=4, num_heads=3)
+    cfg = open_clip_siglip_cfg(len(word_vocab()), "bench_vit_siglip_small", width=192, image_size=112, layers=2)
+    folder = write_open_clip_folder(root / "siglip", cfg, SIGLIP_PREPROCESS)
+    hf_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def siglip_loop(model, gallery: Path, captions: list[str]) -> np.ndarray:
+    """One image / caption at a time through open_clip (transform, HF tokenizer, encode), numpy per item."""
+    return seed_approach(model.clip, model.transform, model.tokenizer, gallery, captions)
+
+
+def vlm_loop(model, gallery: Path, captions: list[str]) -> np.ndarray:
+    """GME's recipe with batch size 1: processor on one prompt (+ image), backbone forward, last token, numpy."""
+    proc, net = model.processor, model.model
+
+    def embed(text: str, image=None) -> np.ndarray:
+        inputs = proc(text=[text], images=None if image is None else [image], return_tensors="pt")
+        with torch.no_grad():
+            f = net(**inputs).last_hidden_state[:, -1].float().numpy()
+        return f / np.linalg.norm(f, axis=-1, keepdims=True)
+
+    img = np.concatenate(
+        [embed(model.image_prompt, Image.open(gallery / n).convert("RGB")) for n in os.listdir(gallery)]
+    )
+    q = model.settings["query_instruction"]
+    txt = np.concatenate([embed(model.prompt(q, c)) for c in captions])
+    return (img @ txt.T).T
+
+
+def build(path: str, root: Path):
+    """(model, one-at-a-time loop) of a benchmark path."""
+    if path == "siglip":
+        return load_model("clip", siglip_folder(root)), siglip_loop
+    if path == "vlm-embed":
+        from encoder_kit import write_qwen2_vl_folder
+
+        folder = write_qwen2_vl_folder(root / "qwen2_vl")
+        return load_model("vlm-embed", folder, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64), vlm_loop
+    torch.manual_seed(0)
+    ckpt = root / "small_clip.pt"
+    torch.save(build_open_clip(SMALL_CFG).state_dict(), ckpt)
+    model = load_model("clip", ckpt, {"model_cfg": SMALL_CFG})
+    return model, lambda m, g, c: seed_approach(m.clip, m.transform, m.tokenizer, g, c)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--path", choices=("clip", "siglip", "vlm-embed"), default="clip")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -87,18 +151,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         gallery, queries = make_data(root, args.images, args.queries)
-        torch.manual_seed(0)
-        ckpt = root / "small_clip.pt"
-        torch.save(build_open_clip(SMALL_CFG).state_dict(), ckpt)
-        model = load_model("clip", ckpt, {"model_cfg": SMALL_CFG})
+        model, loop = build(args.path, root)
         from tpas.data.pab import read_queries
 
         captions = [q.caption for q in read_queries(queries)]
 
         # Warm-up both paths on a few items (first-call allocations, lazy imports).
-        seed_approach(model.clip, model.transform, model.tokenizer, gallery, captions[:2])
+        loop(model, gallery, captions[:2])
         t = time.perf_counter()
-        seed = seed_approach(model.clip, model.transform, model.tokenizer, gallery, captions)
+        seed = loop(model, gallery, captions)
         t_seed = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -120,7 +181,10 @@ def main() -> None:
 
     n = args.images
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"small CLIP {SMALL_CFG['vision_cfg']}, {n} images 128x256 JPEG, {args.queries} queries")
+    print(
+        f"path {args.path}: {model.describe().get('arch', model.family)}, {n} images 128x256 JPEG, "
+        f"{args.queries} queries"
+    )
     print(f"seed approach : {t_seed:7.2f} s  {n / t_seed:8.1f} images/s (batch 1, listdir, numpy per item)")
     print(f"tpas engine   : {t_engine:7.2f} s  {n / t_engine:8.1f} images/s "
           f"(batch {args.batch_size}, {args.workers} workers, no cache)")  # fmt: skip

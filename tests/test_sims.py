@@ -10,7 +10,7 @@ import torch
 
 import tpas.sims as sims_mod
 from tpas.errors import TpasInputError
-from tpas.sims import FORMAT, SimsMatrix, atomic_write
+from tpas.sims import FORMAT, SimsMatrix
 
 
 def dense(q: int = 3, g: int = 5, seed: int = 0) -> SimsMatrix:
@@ -164,11 +164,6 @@ def test_atomic_save_leaves_previous_file_and_no_temp_on_failure(tmp_path, monke
         dense(seed=1).save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
-
-
-def test_atomic_write_creates_parents(tmp_path):
-    out = atomic_write(tmp_path / "a" / "b" / "x.txt", lambda tmp: tmp.write_text("hi"))
-    assert out.read_text() == "hi" and [p.name for p in out.parent.iterdir()] == ["x.txt"]
 
 
 class _Marker:

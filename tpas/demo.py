@@ -3,7 +3,7 @@
 Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
 
 1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
-2. `tpas train cmp` x2   two tiny pose-aware CMP models from `configs/train/cmp_tiny.yaml` with different seeds, trained
+2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_tiny`) with different seeds, trained
                          at once in two processes, so the ensemble has two independently trained models to fuse;
 3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
                          and the name-masked test set;
@@ -21,7 +21,6 @@ labelled test split, whose images are the same; the masked set's matrices go to 
 the CLI provides (it prints the command and invokes the Typer app), so this module itself never prints. Re-running is
 safe: the mini-PAB and the trained checkpoints are reused when the arguments that made them are unchanged (recorded in
 `runs/demo/state.json`), everything else is recomputed and replaced atomically by the commands themselves.
-`postprocess` is a reusable library shortcut for evaluate + submit + validate of any pair of matrices.
 """
 
 from __future__ import annotations
@@ -40,63 +39,18 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .data.pab import load_ground_truth, read_gallery_ids, read_query_index
-from .errors import TpasInputError
-from .scoring import Evaluation, evaluate
-from .sims import SimsMatrix, atomic_write
-from .submit import ValidationReport, validate_answer, write_ranking_file
+from .errors import TpasInputError, TpasRunError
+from .io import atomic_write
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
+TRAIN_PRESET = "cmp_tiny"  # the packaged configs/train/cmp_tiny.yaml (`tpas train cmp --config cmp_tiny`)
 STATE_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------------ post-processing
-@dataclass
-class PostprocessResult:
-    """What `postprocess` produced: the evaluation, the files written and the validator's report."""
-
-    evaluation: Evaluation
-    written: list[Path]
-    validation: ValidationReport
-
-
-def postprocess(
-    eval_sims: SimsMatrix | str | Path,
-    gt: str | Path,
-    submit_sims: SimsMatrix | str | Path,
-    query_index: str | Path,
-    answer: str | Path,
-    *,
-    gallery: str | Path | None = None,
-    by: Sequence[str] = ("behaviour", "scene"),
-    make_zip: bool = True,
-    ties: str = "stable",
-) -> PostprocessResult:
-    """Evaluate `eval_sims` against `gt`, write the ranking file of `submit_sims` and validate it.
-
-    Args:
-        eval_sims: matrix whose rows are the annotation's query ids (`"{image_id}:{k}"`), or its file.
-        gt: the test annotation (attr.json).
-        submit_sims: matrix whose rows are the name-masked query ids, or its file.
-        query_index: `query_index.txt` (line order of the answer).
-        answer: ranking file to write (a zip holding `answer.txt` is written beside it when `make_zip`).
-        gallery: gallery folder or ids file the submission's columns must match.
-    """
-    ev_m = eval_sims if isinstance(eval_sims, SimsMatrix) else SimsMatrix.load(eval_sims)
-    sub_m = submit_sims if isinstance(submit_sims, SimsMatrix) else SimsMatrix.load(submit_sims)
-    evaluation = evaluate(ev_m, load_ground_truth(gt), ties=ties, by=by)
-    qids = read_query_index(query_index)
-    gallery_ids = read_gallery_ids(gallery) if gallery is not None else None
-    written = write_ranking_file(sub_m, qids, answer, gallery_ids=gallery_ids, make_zip=make_zip,
-                                 query_source=query_index, gallery_source=gallery)  # fmt: skip
-    report = validate_answer(written[0], qids, gallery_ids)
-    return PostprocessResult(evaluation, written, report)
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class DemoModel:
-    """One model the demo trains: a name and its `--set` overrides of `configs/train/cmp_tiny.yaml`."""
+    """One model the demo trains: a name and its `--set` overrides of the `cmp_tiny` preset."""
 
     name: str
     overrides: tuple[str, ...]
@@ -187,14 +141,6 @@ class DemoResult:
         return {m: float(self.table.loc[self.ensemble, m] - self.table.loc[self.best_single, m]) for m in METRICS}
 
 
-def _find_train_config() -> Path:
-    """`configs/train/cmp_tiny.yaml` of this checkout (the demo trains from the repository's own config)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "train" / "cmp_tiny.yaml"
-    if not path.is_file():
-        raise TpasInputError("the demo trains from configs/train/cmp_tiny.yaml of a tpas checkout; not found", path)
-    return path
-
-
 class _Layout:
     """Every path the demo reads or writes, under `root`."""
 
@@ -269,67 +215,37 @@ def _ensemble_config(lay: _Layout, size: DemoSize) -> dict[str, Any]:
     }
 
 
-def plan(root: str | Path = ".", *, size: str = "default", seed: int = 0) -> list[Step]:
-    """The demo's commands, in order, for `size` ("default" or "quick") under `root`."""
-    if size not in SIZES:
-        raise TpasInputError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
-    sz = SIZES[size]
-    lay = _Layout(Path(root))
-    d = lay.data
-    steps = [
-        Step(
-            "generate the synthetic mini-PAB",
-            (
-                "synth",
-                "--out",
-                str(d),
-                "--seed",
-                str(seed),
-                "--identities",
-                str(sz.identities),
-                "--val-identities",
-                str(sz.val_identities),
-                "--test-identities",
-                str(sz.test_identities),
-                "--distractors",
-                str(sz.distractors),
-                "--overwrite",
-            ),
-            (d / "vocab.txt", lay.query_index),
-            reuse_key="synth",
-        )
-    ]
-    train_cfg = _find_train_config()
+def command(*words: str | Path, **options: Any) -> tuple[str, ...]:
+    """One `tpas` argv: `command("infer", "cmp", rerank_k=4, set=["a=1"])` -> ("infer", "cmp", "--rerank-k", "4",
+    "--set", "a=1"). A True option is a bare flag; None and False are left out; a list repeats its option."""
+    argv = [str(w) for w in words]
+    for name, value in options.items():
+        flag = "--" + name.rstrip("_").replace("_", "-")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is True:
+                argv.append(flag)
+            elif v is not None and v is not False:
+                argv += [flag, str(v)]
+    return tuple(argv)
+
+
+def _synth_step(lay: _Layout, sz: DemoSize, seed: int) -> Step:
+    argv = command("synth", out=lay.data, seed=seed, identities=sz.identities, val_identities=sz.val_identities,
+                   test_identities=sz.test_identities, distractors=sz.distractors, overwrite=True)  # fmt: skip
+    return Step("generate the synthetic mini-PAB", argv, (lay.data / "vocab.txt", lay.query_index), reuse_key="synth")
+
+
+def _train_steps(lay: _Layout, sz: DemoSize) -> list[Step]:
+    steps = []
     for m in sz.models:
         out = lay.ckpt / m.name
+        sets = [f"data.root={lay.data}", f"data.vocab={lay.data / 'vocab.txt'}", f"output.dir={out}",
+                f"train.max_steps={sz.train_steps}", f"train.batch_size={sz.batch_size}", "train.epochs=1000",
+                "eval.enabled=false", "data.num_workers=0", "train.log_every=5", *m.overrides]  # fmt: skip
         steps.append(
             Step(
                 f"train {m.name} (tiny CMP, {sz.train_steps} steps)",
-                (
-                    "train",
-                    "cmp",
-                    "--config",
-                    str(train_cfg),
-                    "--set",
-                    f"data.root={d}",
-                    "--set",
-                    f"data.vocab={d / 'vocab.txt'}",
-                    "--set",
-                    f"output.dir={out}",
-                    "--set",
-                    f"train.max_steps={sz.train_steps}",
-                    "--set",
-                    f"train.batch_size={sz.batch_size}",
-                    "--set",
-                    "train.epochs=1000",
-                    "--set",
-                    "eval.enabled=false",
-                    "--set",
-                    "data.num_workers=0",
-                    "--set",
-                    "train.log_every=5",
-                    *(a for o in m.overrides for a in ("--set", o)),
-                ),
+                command("train", "cmp", config=TRAIN_PRESET, set_=sets),
                 (out / "checkpoint_last.pth",),
                 reuse_key=f"train/{m.name}",
                 parallel="train",
@@ -337,122 +253,76 @@ def plan(root: str | Path = ".", *, size: str = "default", seed: int = 0) -> lis
                 total=sz.train_steps,
             )
         )
+    return steps
+
+
+def _infer_steps(lay: _Layout, sz: DemoSize) -> list[Step]:
+    steps = []
     for split in ("val", "test", "masked"):
         images, queries, pose = lay.splits[split]
         for m in sz.models:
-            pose_args = ("--pose", str(pose)) if "model.pose=true" in m.overrides else ()
-            steps.append(
-                Step(
-                    f"infer {m.name} on the {split} split (ITC + ITM re-rank of the top {sz.rerank_k})",
-                    (
-                        "infer",
-                        "cmp",
-                        "--checkpoint",
-                        str(lay.ckpt / m.name / "checkpoint_last.pth"),
-                        "--images",
-                        str(images),
-                        "--queries",
-                        str(queries),
-                        *pose_args,
-                        "--rerank-k",
-                        str(sz.rerank_k),
-                        "--device",
-                        "cpu",
-                        "--workers",
-                        "0",
-                        "--cache-dir",
-                        str(lay.cache),
-                        "--out",
-                        str(lay.matrix(split, m.name)),
-                    ),
-                    (lay.matrix(split, m.name), lay.matrix(split, m.name, itc=True)),
-                )
-            )
-    val_gt = lay.splits["val"][1]
-    test_gt = lay.splits["test"][1]
-    steps.append(
-        Step(
-            "tune the fusion weights on the validation split",
-            (
-                "tune",
-                "--config",
-                str(lay.ensemble_config),
-                "--gt",
-                str(val_gt),
-                "--out",
-                str(lay.tuned),
-                "--search",
-                "grid",
-                "--folds",
-                str(sz.folds),
-                "--seed",
-                str(seed),
-            ),
-            (lay.tuned, lay.trials),
-        )
-    )
-    for split in ("test", "masked"):
-        sets = [a for n, p in _fused(lay, sz, split).items() for a in ("--set", f"inputs.{n}={p.resolve()}")]
-        steps.append(
-            Step(
-                f"apply the tuned ensemble to the {split} split",
-                ("ensemble", "--config", str(lay.tuned), *sets, "--out", str(lay.matrix(split, "ensemble"))),
-                (lay.matrix(split, "ensemble"),),
-            )
-        )
-    names = [*_matrices(lay, sz, "test"), "ensemble"]
-    files = [*_matrices(lay, sz, "test").values(), lay.matrix("test", "ensemble")]
-    for name, f in zip(names, files, strict=True):
-        by = ("--by", "normal/anomaly,scene") if name == "ensemble" else ()
-        steps.append(
-            Step(
-                f"evaluate {name} on the test split",
-                ("evaluate", str(f), "--gt", str(test_gt), *by, "--json", str(lay.metrics / f"{name}.json")),
-                (lay.metrics / f"{name}.json",),
-            )
-        )
-    masked_gallery = lay.splits["masked"][0]
-    steps += [
-        Step(
-            "write the leaderboard file of the name-masked set",
-            (
-                "submit",
-                str(lay.matrix("masked", "ensemble")),
-                "--query-index",
-                str(lay.query_index),
-                "--gallery",
-                str(masked_gallery),
-                "--out",
-                str(lay.answer),
-                "--zip",
-            ),
-            (lay.answer,),
-        ),
-        Step(
-            "validate it",
-            ("validate", str(lay.answer), "--query-index", str(lay.query_index), "--gallery", str(masked_gallery)),
-        ),
-        Step(
-            "write the HTML report of the test split",
-            (
-                "report",
-                *map(str, files),
-                "--names",
-                ",".join(names),
-                "--gt",
-                str(test_gt),
-                "--images",
-                str(lay.splits["test"][0]),
-                "--tuning-trials",
-                str(lay.trials),
-                "--out",
-                str(lay.report),
-                *(("--max-queries", str(sz.report_queries)) if sz.report_queries else ()),
-            ),
-            (lay.report,),
-        ),
-    ]
+            out = lay.matrix(split, m.name)
+            argv = command("infer", "cmp", checkpoint=lay.ckpt / m.name / "checkpoint_last.pth", images=images,
+                           queries=queries, pose=pose if "model.pose=true" in m.overrides else None,
+                           rerank_k=sz.rerank_k, device="cpu", workers=0, cache_dir=lay.cache, out=out)  # fmt: skip
+            title = f"infer {m.name} on the {split} split (ITC + ITM re-rank of the top {sz.rerank_k})"
+            steps.append(Step(title, argv, (out, lay.matrix(split, m.name, itc=True))))
     return steps
+
+
+def _fusion_steps(lay: _Layout, sz: DemoSize, seed: int) -> list[Step]:
+    """Tune on val, then apply the tuned config to the test split and the name-masked set."""
+    tune = command("tune", config=lay.ensemble_config, gt=lay.splits["val"][1], out=lay.tuned, search="grid",
+                   folds=sz.folds, seed=seed)  # fmt: skip
+    steps = [Step("tune the fusion weights on the validation split", tune, (lay.tuned, lay.trials))]
+    for split in ("test", "masked"):
+        sets = [f"inputs.{n}={p.resolve()}" for n, p in _fused(lay, sz, split).items()]
+        out = lay.matrix(split, "ensemble")
+        argv = command("ensemble", config=lay.tuned, set_=sets, out=out)
+        steps.append(Step(f"apply the tuned ensemble to the {split} split", argv, (out,)))
+    return steps
+
+
+def _test_matrices(lay: _Layout, sz: DemoSize) -> dict[str, Path]:
+    """Every matrix the demo scores on the test split, by row name: the models' and the ensemble."""
+    return {**_matrices(lay, sz, "test"), "ensemble": lay.matrix("test", "ensemble")}
+
+
+def _scoring_steps(lay: _Layout, sz: DemoSize) -> list[Step]:
+    """Evaluate every test matrix, write and validate the leaderboard file, write the HTML report."""
+    test_gt, masked_gallery = lay.splits["test"][1], lay.splits["masked"][0]
+    files = _test_matrices(lay, sz)
+    steps = []
+    for name, f in files.items():
+        out = lay.metrics / f"{name}.json"
+        by = "normal/anomaly,scene" if name == "ensemble" else None
+        steps.append(Step(f"evaluate {name} on the test split", command("evaluate", f, gt=test_gt, by=by, json=out),
+                          (out,)))  # fmt: skip
+    submit = command("submit", lay.matrix("masked", "ensemble"), query_index=lay.query_index, gallery=masked_gallery,
+                     out=lay.answer, zip=True)  # fmt: skip
+    validate = command("validate", lay.answer, query_index=lay.query_index, gallery=masked_gallery)
+    report = command("report", *files.values(), names=",".join(files), gt=test_gt, images=lay.splits["test"][0],
+                     tuning_trials=lay.trials, out=lay.report, max_queries=sz.report_queries)  # fmt: skip
+    return [
+        *steps,
+        Step("write the leaderboard file of the name-masked set", submit, (lay.answer,)),
+        Step("validate it", validate),
+        Step("write the HTML report of the test split", report, (lay.report,)),
+    ]
+
+
+def plan(root: str | Path = ".", *, size: str = "default", seed: int = 0) -> list[Step]:
+    """The demo's commands, in order, for `size` ("default" or "quick") under `root`."""
+    if size not in SIZES:
+        raise TpasInputError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
+    sz, lay = SIZES[size], _Layout(Path(root))
+    return [
+        _synth_step(lay, sz, seed),
+        *_train_steps(lay, sz),
+        *_infer_steps(lay, sz),
+        *_fusion_steps(lay, sz, seed),
+        *_scoring_steps(lay, sz),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ running it
@@ -475,7 +345,7 @@ def run_parallel(
     """Run `steps` at once, each as its own `python -m tpas ...` process with one compute thread.
 
     Each process's console output goes to `log_dir/<n>.log`; progress is the "step" of the last record of each
-    step's JSON-lines `log`. A failed process stops the others and raises TpasInputError quoting its last lines.
+    step's JSON-lines `log`. A failed process stops the others and raises TpasRunError quoting its last lines.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -495,8 +365,8 @@ def run_parallel(
             if failed is not None:
                 step, proc, console_log = failed
                 tail = " | ".join(console_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:])
-                raise TpasInputError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
-                                     console_log)  # fmt: skip
+                raise TpasRunError(f"`tpas {' '.join(step.argv[:2])}` failed (exit {proc.returncode}): {tail}",
+                                   console_log)  # fmt: skip
             if all(p.poll() == 0 for _, p, _ in procs):
                 return
             time.sleep(poll)
@@ -517,6 +387,51 @@ def _last_step(log: Path | None) -> int:
         except (ValueError, AttributeError, TypeError):
             continue
     return 0
+
+
+def _groups(steps: Sequence[Step]) -> list[list[Step]]:
+    """Consecutive steps of one `parallel` group together; every other step alone."""
+    groups: list[list[Step]] = []
+    for step in steps:
+        if groups and step.parallel and groups[-1][-1].parallel == step.parallel:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def _forget(step: Step, lay: _Layout, state: dict[str, Any]) -> None:
+    """A reusable step about to run anew: whatever an earlier, different run left is stale."""
+    key = step.reuse_key
+    if key is None:
+        return
+    state.pop(key, None)
+    if key.startswith("train/"):
+        shutil.rmtree(lay.ckpt / key.split("/", 1)[1], ignore_errors=True)
+    if key == "synth":  # new data invalidates every trained model
+        for k in [k for k in state if k.startswith("train/")]:
+            state.pop(k)
+    _save_state(lay.state, state)
+
+
+def _results(lay: _Layout, sz: DemoSize) -> tuple[pd.DataFrame, str]:
+    """The test-split table (one row per matrix) and the best single matrix by R@1, then mAP."""
+    rows = {}
+    for name in _test_matrices(lay, sz):
+        metrics = json.loads((lay.metrics / f"{name}.json").read_text(encoding="utf-8"))
+        rows[name] = {m: float(metrics[m]) for m in METRICS}
+    table = pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)]
+    singles = table.drop(index="ensemble")
+    return table, str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
+
+
+def _compare_step(lay: _Layout, sz: DemoSize, best: str, seed: int) -> Step:
+    """`tpas compare` of the ensemble against the best single matrix (known only once the table exists)."""
+    files = _test_matrices(lay, sz)
+    out = lay.metrics / "compare.json"
+    argv = command("compare", files[best], files["ensemble"], gt=lay.splits["test"][1], metrics=",".join(METRICS),
+                   seed=seed, json=out)  # fmt: skip
+    return Step(f"is the ensemble better than {best} beyond noise? (paired randomization test)", argv, (out,))
 
 
 def run_demo(
@@ -549,81 +464,66 @@ def run_demo(
     state = {} if fresh else _load_state(lay.state)
     lay.runs.mkdir(parents=True, exist_ok=True)
     timings: list[tuple[str, float, bool]] = []
-    i = 0
-    while i < len(steps):
-        group = [steps[i]]
-        while steps[i].parallel and i + len(group) < len(steps) and steps[i + len(group)].parallel == steps[i].parallel:
-            group.append(steps[i + len(group)])
+    n_done, n_all = 0, len(steps) + 1  # + the comparison, planned once the table is known
+    for group in _groups(steps):
         todo = []
-        for j, step in enumerate(group):
-            key = step.reuse_key
-            reused = key is not None and state.get(key) == list(step.argv) and all(p.is_file() for p in step.outputs)
+        for step in group:
+            reused = step.reuse_key is not None and state.get(step.reuse_key) == list(step.argv)
+            reused = reused and all(p.is_file() for p in step.outputs)
             if progress is not None:
-                progress(i + j, len(steps) + 1, step, reused)
+                progress(n_done, n_all, step, reused)
+            n_done += 1
             if reused:
                 timings.append((step.title, 0.0, True))
                 continue
             todo.append(step)
-            if key is not None:
-                # Whatever an earlier, different run left is stale: forget it before making it anew.
-                state.pop(key, None)
-                if key.startswith("train/"):
-                    shutil.rmtree(lay.ckpt / key.split("/", 1)[1], ignore_errors=True)
-                if key == "synth":  # new data invalidates every trained model
-                    for k in [k for k in state if k.startswith("train/")]:
-                        state.pop(k)
-                _save_state(lay.state, state)
+            _forget(step, lay, state)
             if step.argv[0] == "tune":
                 cfg = _ensemble_config(lay, sz)
                 atomic_write(lay.ensemble_config, lambda tmp, c=cfg: tmp.write_text(yaml.safe_dump(c, sort_keys=False)))
-        t0 = time.perf_counter()
-        if len(todo) > 1:
-            run_parallel(todo, lay.runs / "logs", progress=step_progress)
-        else:
-            for step in todo:
-                run_command(list(step.argv))
-        for step in todo:
-            timings.append((step.title, time.perf_counter() - t0, False))
-            missing = next((p for p in step.outputs if not p.is_file()), None)
-            if missing is not None:
-                raise TpasInputError(f"demo step '{step.title}' finished without writing its output", missing)
-            if step.reuse_key is not None:
-                state[step.reuse_key] = list(step.argv)
-                _save_state(lay.state, state)
-        i += len(group)
+        timings += _run_group(todo, lay, state, run_command, step_progress)
 
-    rows = {}
-    for name in [*_matrices(lay, sz, "test"), "ensemble"]:
-        metrics = json.loads((lay.metrics / f"{name}.json").read_text(encoding="utf-8"))
-        rows[name] = {m: float(metrics[m]) for m in METRICS}
-    table = pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)]
-    singles = table.drop(index="ensemble")
-    best = str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
-    # Only now is the best single matrix known: test the ensemble against it, query by query.
-    files = {**_matrices(lay, sz, "test"), "ensemble": lay.matrix("test", "ensemble")}
-    compare_json = lay.metrics / "compare.json"
-    step = Step(
-        f"is the ensemble better than {best} beyond noise? (paired randomization test)",
-        ("compare", str(files[best]), str(files["ensemble"]), "--gt", str(lay.splits["test"][1]),
-         "--metrics", ",".join(METRICS), "--seed", str(seed), "--json", str(compare_json)),
-        (compare_json,),
-    )  # fmt: skip
+    table, best = _results(lay, sz)
+    compare = _compare_step(lay, sz, best, seed)
     if progress is not None:
-        progress(len(steps), len(steps) + 1, step, False)
-    t0 = time.perf_counter()
-    run_command(list(step.argv))
-    timings.append((step.title, time.perf_counter() - t0, False))
-    (result,) = json.loads(compare_json.read_text(encoding="utf-8")).values()
-    p_values = {m: float(v["p_value"]) for m, v in result["metrics"].items()}
+        progress(n_done, n_all, compare, False)
+    timings += _run_group([compare], lay, state, run_command, step_progress)
+    (result,) = json.loads(compare.outputs[0].read_text(encoding="utf-8")).values()
     return DemoResult(
         root=lay.root,
         table=table,
         ensemble="ensemble",
         best_single=best,
-        p_values=p_values,
+        p_values={m: float(v["p_value"]) for m, v in result["metrics"].items()},
         answer=lay.answer,
         report=lay.report,
         tuned_config=lay.tuned,
         sims=sorted(lay.sims.glob("*.pt")),
         steps=timings,
     )
+
+
+def _run_group(
+    todo: Sequence[Step],
+    lay: _Layout,
+    state: dict[str, Any],
+    run_command: Callable[[Sequence[str]], None],
+    step_progress: Callable[[Step, int], None] | None,
+) -> list[tuple[str, float, bool]]:
+    """Run steps (in parallel processes when several), check their outputs, record reusable ones in the state."""
+    t0 = time.perf_counter()
+    if len(todo) > 1:
+        run_parallel(todo, lay.runs / "logs", progress=step_progress)
+    else:
+        for step in todo:
+            run_command(list(step.argv))
+    timings = []
+    for step in todo:
+        timings.append((step.title, time.perf_counter() - t0, False))
+        missing = next((p for p in step.outputs if not p.is_file()), None)
+        if missing is not None:
+            raise TpasRunError(f"demo step '{step.title}' finished without writing its output {missing}")
+        if step.reuse_key is not None:
+            state[step.reuse_key] = list(step.argv)
+            _save_state(lay.state, state)
+    return timings

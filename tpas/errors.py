@@ -1,4 +1,4 @@
-"""Typed errors. The CLI turns a TpasInputError into one line on stderr and exit code 2."""
+"""Typed errors. The CLI turns every TpasError into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ class TpasInputError(TpasError, ValueError):
         elif self.where:
             prefix = f"{self.where}: "
         return prefix + self.message
+
+
+class TpasRunError(TpasError):
+    """A step of a larger run failed (a `tpas demo` step): the message names the failed command and its log.
+
+    Args:
+        message: which command failed and how.
+        log: the file holding that command's output, when there is one.
+    """
+
+    def __init__(self, message: str, log: str | Path | None = None):
+        self.message = message
+        self.log = None if log is None else Path(log)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return self.message if self.log is None else f"{self.message} (log: {self.log})"

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import pickle
 import re
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import torch
 
 from . import __version__
 from .errors import TpasInputError
+from .io import atomic_write
 
 FORMAT = "tpas-sims/1"
 
@@ -47,21 +46,6 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     if only_b:
         parts.append(f"only in the second: {', '.join(map(repr, only_b))}")
     return "; ".join(parts)
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_meta(meta: Any, where: str = "meta") -> None:

@@ -48,3 +48,61 @@ def test_unmatchable_query_keeps_its_ranking():
     m = SimsMatrix(ids("q", 2), ids("g", 3), scores=s)
     out, rep = assign(m, {"k": 1})
     assert torch.equal(out.scores, s) and rep["unmatched_queries"] == 1
+
+
+def test_greedy_visits_queries_by_confidence_and_takes_the_best_free_image():
+    # q1 is the more confident of the two that want g0 (a wide margin over its second choice), so it keeps g0 and q0
+    # falls back to g1 although q0 scores g0 higher than q1 does.
+    s = torch.tensor([[0.90, 0.88, 0.0], [0.80, 0.10, 0.0], [0.0, 0.1, 0.7]])
+    m = SimsMatrix(ids("q", 3), ids("g", 3), scores=s)
+    out, rep = assign(m, {"k": 3, "method": "greedy", "temperature": 0.05})
+    assert topk_stable(out.scores, 1)[:, 0].tolist() == [1, 0, 2]
+    assert rep["collisions_after"]["images"] == 0 and rep["params"]["method"] == "greedy"
+    # A greedy pass by top-1 score instead would have let q0 keep g0.
+
+
+def test_greedy_query_with_every_candidate_taken_keeps_its_ranking():
+    s = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.0, 0.1]])
+    out, rep = assign(SimsMatrix(ids("q", 2), ids("g", 3), scores=s), {"k": 1, "method": "greedy"})
+    assert torch.equal(out.scores, s) and rep["unmatched_queries"] == 1
+
+
+def test_flow_touches_only_collision_components():
+    # q0, q1 collide on g0; q1's second choice g2 is q2's top-1, so q2 joins their component; q3 stands alone.
+    s = torch.tensor(
+        [
+            [0.9, 0.5, 0.0, 0.0, 0.0],
+            [0.8, 0.0, 0.7, 0.0, 0.0],
+            [0.0, 0.0, 0.9, 0.6, 0.0],
+            [0.0, 0.0, 0.0, 0.3, 0.9],
+        ]
+    )
+    m = SimsMatrix(ids("q", 4), ids("g", 5), scores=s)
+    out, rep = assign(m, {"k": 3, "method": "flow"})
+    top1 = topk_stable(out.scores, 1)[:, 0].tolist()
+    assert len(set(top1)) == 4 and torch.equal(out.scores[3], s[3])
+    # Normalised costs (1 - minmax over each query's top-3): q0 {g0: 0, g1: 0.44}, q1 {g0: 0, g2: 0.125},
+    # q2 {g2: 0, g3: 0.33}. Cheapest injective choice: q0 g0, q1 g2, q2 g3 (0.458) vs q0 g1, q1 g0, q2 g2 (0.444).
+    assert top1 == [1, 0, 2, 4]
+    assert rep["collisions_before"]["images"] == 1 and rep["collisions_after"]["images"] == 0
+
+
+def test_flow_slack_keeps_a_ranking_when_every_arc_costs_more():
+    s = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.1, 0.2]])  # both want g0; their second choices are near the bottom
+    m = SimsMatrix(ids("q", 2), ids("g", 3), scores=s)
+    _, rep = assign(m, {"k": 3, "method": "flow", "slack": 0.5})
+    assert rep["unmatched_queries"] == 1 and rep["collisions_after"]["images"] == 1
+    _, rep = assign(m, {"k": 3, "method": "flow", "slack": 1.0})
+    assert rep["unmatched_queries"] == 0 and rep["collisions_after"]["images"] == 0
+
+
+def test_assignment_parameters_are_checked():
+    import pytest
+
+    from tpas.errors import TpasInputError
+
+    m = SimsMatrix(ids("q", 2), ids("g", 3), scores=torch.rand(2, 3))
+    for bad, word in (({"method": "hungarian"}, "method"), ({"temperature": 0}, "temperature"),
+                      ({"slack": "big"}, "slack")):  # fmt: skip
+        with pytest.raises(TpasInputError, match=word):
+            assign(m, bad)

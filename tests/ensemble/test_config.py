@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from ens_helpers import write_config
 
-from tpas.ensemble.config import dump_config, load_config, parse_override, set_key
+from tpas.ensemble.config import dump_config, load_config
 from tpas.errors import TpasInputError
 
 BASE = {
@@ -32,16 +32,6 @@ def test_set_overrides_lists_positions_and_new_keys(tmp_path):
     assert cfg.inputs["a"].path == tmp_path.resolve() / "other.pt"
     cfg = load_config(path, ["fuse.weights.0=0.75", "post=[{sca: {tau: 0.1}}]", "post.0.sca.depth=5"])
     assert cfg.fuse.weights == [0.75] and cfg.post[0][1]["tau"] == 0.1 and cfg.post[0][1]["depth"] == 5
-
-
-def test_parse_override_errors():
-    with pytest.raises(TpasInputError, match="expected key=value"):
-        parse_override("fuse.weights")
-    raw = {"fuse": {"weights": [0.1]}}
-    with pytest.raises(TpasInputError, match="position 3 is outside"):
-        set_key(raw, "fuse.weights.3", 0.2)
-    with pytest.raises(TpasInputError, match="indexes a list"):
-        set_key(raw, "fuse.weights.x", 0.2)
 
 
 @pytest.mark.parametrize(

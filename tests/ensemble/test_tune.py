@@ -146,7 +146,47 @@ def test_tuning_with_post_steps_and_categorical_keys(planted):
 
 
 def test_gt_without_matching_queries_is_a_clear_error(planted):
-    cfg_path, _ = planted
+    cfg_path, gt = planted
+    with pytest.raises(TpasInputError, match="--ties: 'random' is not one of"):
+        tune(load_config(cfg_path), gt, ties="random")
     gt = GroundTruth(["x:0"], {"x:0": "g0"}, pd.DataFrame({"gallery_id": ["g0"]}, index=["x:0"]))
     with pytest.raises(TpasInputError, match="no query of the matrices has a ground truth"):
         tune(load_config(cfg_path), gt)
+
+
+@pytest.mark.parametrize(
+    "match,ties", [("image", "stable"), ("identity", "stable"), ("identity", "optimistic"), ("image", "pessimistic")]
+)
+def test_tune_scores_each_trial_as_evaluate_does_with_match_and_ties(tmp_path, match, ties):
+    from tpas.ensemble.pipeline import run_ensemble
+    from tpas.scoring import evaluate
+
+    # Integer scores fused with weights 0, 0.5, 1 tie often and exactly; identities pair query i with i ^ 1's image.
+    n, g = 30, 40
+    gen = torch.Generator().manual_seed(3)
+    qi, gi = ids("q", n), ids("g", g)
+    for name in ("a", "b"):
+        save(SimsMatrix(qi, gi, scores=torch.randint(0, 4, (n, g), generator=gen).float()), tmp_path / f"{name}.pt")
+    path = write_config(tmp_path / "c.yaml", {
+        "inputs": {"a": "a.pt", "b": "b.pt"},
+        "normalize": {"method": "none"},
+        "fuse": {"method": "iterative", "order": ["a", "b"], "weights": [0.5]},
+        "tune": {"space": {"fuse.weights.0": [0.0, 0.5, 1.0]}},
+    })  # fmt: skip
+    frame = pd.DataFrame(
+        {"gallery_id": gi[:n], "image_id": [f"p{i // 2}" for i in range(n)], "behaviour": ["normal"] * n}, index=qi
+    )
+    gt = GroundTruth(qi, dict(zip(qi, gi[:n], strict=True)), frame)
+    res = tune(load_config(path), gt, search="grid", match=match, ties=ties)
+    assert len(res.trials) == 3 and f"({match} match, {ties} ties)" in res.report_markdown()
+    for t in res.trials:
+        fused, _ = run_ensemble(load_config(path, [f"fuse.weights=[{t.params['fuse.weights.0']}]"]))
+        expected = evaluate(fused, gt, ties=ties, match=match).metrics()
+        assert {k: t.metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    # Both options change the scores (so the comparison above is not vacuous).
+    flip_match = "image" if match == "identity" else "identity"
+    flip_ties = "pessimistic" if ties == "optimistic" else "optimistic"
+    other_match = tune(load_config(path), gt, search="grid", match=flip_match, ties=ties)
+    other_ties = tune(load_config(path), gt, search="grid", match=match, ties=flip_ties)
+    for other in (other_match, other_ties):
+        assert [t.metrics for t in other.trials] != [t.metrics for t in res.trials]

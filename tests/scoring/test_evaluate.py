@@ -116,3 +116,13 @@ def test_missing_query_and_missing_gallery_image_name_the_id(tiny_gt):
     no_img = t.sims.select(gallery_ids=[g for g in t.gallery_ids if g != "1"])
     with pytest.raises(TpasInputError, match="query 'p1:0': its relevant image '1' is not a gallery id"):
         evaluate(no_img, t.gt)
+
+
+def test_unknown_match_or_tie_rule_is_an_input_error(tiny_gt):
+    t = tiny_gt()
+    with pytest.raises(TpasInputError, match=r"--match: 'person' is not one of \['image', 'identity'\]"):
+        evaluate(t.sims, t.gt, match="person")
+    with pytest.raises(
+        TpasInputError, match=r"--ties: 'random' is not one of \['stable', 'optimistic', 'pessimistic'\]"
+    ):
+        evaluate(t.sims, t.gt, ties="random")

@@ -502,6 +502,159 @@ def train_wordpiece_vocab(captions: list[str], path: Path, vocab_size: int = 200
     return path
 
 
+class _Sink:
+    """Where a mini-PAB is being written: the root, the image size, every caption so far, and the progress count."""
+
+    def __init__(self, root: Path, size: tuple[int, int], total: int, progress: Progress | None) -> None:
+        self.root, self.size, self.total, self.progress = root, size, total, progress
+        self.captions: list[str] = []
+        self.done = 0
+
+    def image(self, rel: str, img: Image.Image, pose: Image.Image) -> None:
+        """Write an image at `rel` and its pose map at `pose/rel`; count it."""
+        _write(self.root / rel, _jpeg_bytes(img))
+        _write(self.root / "pose" / rel, _jpeg_bytes(pose))
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _action_pair(rng: np.random.Generator) -> tuple[str, str]:
+    """A (normal, anomalous) action for one identity."""
+    return (
+        NORMAL_ACTIONS[int(rng.integers(len(NORMAL_ACTIONS)))],
+        ANOMALOUS_ACTIONS[int(rng.integers(len(ANOMALOUS_ACTIONS)))],
+    )
+
+
+def _train_split(
+    sink: _Sink, people: list[Person], rng: np.random.Generator, n_files: int, captions_per_image: int
+) -> tuple[list[Path], int]:
+    """imgs_K/goal (normal) and imgs_K/full (anomalous) images, one attr_K.json per K; returns the files and pairs."""
+    files: list[list[dict[str, str]]] = [[] for _ in range(n_files)]
+    counters = [0] * n_files
+    for i, person in enumerate(people):
+        k = i % n_files
+        actions = _action_pair(rng)
+        n = counters[k]
+        counters[k] += 2
+        rels = (f"imgs_{k}/goal/{n}.jpg", f"imgs_{k}/full/{n + 1}.jpg")
+        ids = (f"{k}_{n}", f"{k}_{n + 1}")
+        captions: list[list[str]] = []
+        for rel, action in zip(rels, actions, strict=True):
+            img, pose, _ = render_sample(person, action, sink.size, rng)
+            sink.image(f"train/{rel}", img, pose)
+            captions.append([describe(person, action, rng) for _ in range(captions_per_image)])
+        for side in (0, 1):
+            other = 1 - side
+            for c in range(captions_per_image):
+                record = {
+                    "image": f"train/{rels[side]}",
+                    "caption": captions[side][c],
+                    "image_id": ids[side],
+                    "hard_i": rels[other],
+                    "hard_c": captions[other][c % len(captions[other])],
+                    "hard_i_id": ids[other],
+                    "source_id": f"{i}_{side}",
+                    "source_caption": _source_caption(person, actions[side]),
+                    ("normal" if side == 0 else "anomaly"): ACTION_LABELS[actions[side]],
+                    "scene": person.scene,
+                }
+                files[k].append(record)
+                sink.captions.append(record["caption"])
+    paths = []
+    for k, records in enumerate(files):
+        path = sink.root / "annotation" / "train" / f"attr_{k}.json"
+        _write(path, json.dumps(records, indent=1))
+        paths.append(path)
+    return paths, sum(len(r) for r in files)
+
+
+def _eval_split(
+    sink: _Sink, split: str, people: list[Person], rng: np.random.Generator, captions_per_image: int
+) -> tuple[Path, list[dict], list[Image.Image], list[Image.Image]]:
+    """{split}/N.jpg images and annotation/{split}/attr.json; returns the file, records, images and pose maps."""
+    records: list[dict] = []
+    images: list[Image.Image] = []
+    poses: list[Image.Image] = []
+    for i, person in enumerate(people):
+        actions = _action_pair(rng)
+        # Shuffle which of the pair comes first so image order says nothing about behaviour.
+        order = (0, 1) if rng.random() < 0.5 else (1, 0)
+        for side in order:
+            n = len(records)
+            img, pose, _ = render_sample(person, actions[side], sink.size, rng)
+            images.append(img)
+            poses.append(pose)
+            caps = [describe(person, actions[side], rng) for _ in range(captions_per_image)]
+            sink.captions.extend(caps)
+            records.append(
+                {
+                    "image": f"{split}/{n}.jpg",
+                    "image_id": str(n),
+                    "caption": caps,
+                    ("normal" if side == 0 else "anomaly"): ACTION_LABELS[actions[side]],
+                    "scene": person.scene,
+                    "person_id": f"{split}_{i}",
+                }
+            )
+            sink.image(f"{split}/{n}.jpg", img, pose)
+    path = sink.root / "annotation" / split / "attr.json"
+    _write(path, json.dumps(records, indent=1))
+    return path, records, images, poses
+
+
+def _masked_set(
+    sink: _Sink,
+    test: tuple[list[dict], list[Image.Image], list[Image.Image]],
+    test_people: list[Person],
+    distractors: list[Person],
+    rng: np.random.Generator,
+) -> tuple[Path, Path, Path]:
+    """The test images under 15-character ids with one fresh caption each, plus distractors; returns query.json,
+    query_index.txt and ground_truth.json."""
+    masked = sink.root / "name-masked_test-set"
+    used_ids: set[str] = set()
+    queries: list[dict[str, str]] = []
+    truth: list[dict] = []
+    for rec, img, pose in zip(*test, strict=True):
+        gid = _masked_id(rng, used_ids)
+        qid = _masked_id(rng, used_ids)
+        _write(masked / "gallery" / f"{gid}.jpg", _jpeg_bytes(img))
+        _write(sink.root / "pose" / masked.name / "gallery" / f"{gid}.jpg", _jpeg_bytes(pose))
+        person = test_people[int(rec["person_id"].split("_")[1])]
+        action = next(a for a, label in ACTION_LABELS.items() if label == rec.get("normal", rec.get("anomaly")))
+        caption = describe(person, action, rng)
+        sink.captions.append(caption)
+        queries.append({"query_index": qid, "caption": caption})
+        kept = {k: v for k, v in rec.items() if k not in ("image", "image_id", "caption")}
+        truth.append({**kept, "image": f"gallery/{gid}.jpg", "image_id": qid, "query_index": qid, "caption": [caption]})
+    for person in distractors:
+        action = (NORMAL_ACTIONS + ANOMALOUS_ACTIONS)[int(rng.integers(8))]
+        img, pose, _ = render_sample(person, action, sink.size, rng)
+        sink.image(f"name-masked_test-set/gallery/{_masked_id(rng, used_ids)}.jpg", img, pose)
+    # Real query files are not in gallery order; shuffle so nothing can lean on that.
+    perm = rng.permutation(len(queries))
+    queries = [queries[int(j)] for j in perm]
+    query_json, query_index, ground_truth = (
+        masked / "query.json",
+        masked / "query_index.txt",
+        masked / "ground_truth.json",
+    )
+    _write(query_json, "".join(json.dumps(q) + "\n" for q in queries))
+    _write(query_index, "".join(q["query_index"] + "\n" for q in queries))
+    _write(ground_truth, json.dumps([truth[int(j)] for j in perm], indent=1))
+    return query_json, query_index, ground_truth
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise TpasInputError("output folder is not empty (pass overwrite=True / --overwrite)", root)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+
+
 def generate_mini_pab(
     root: str | Path,
     *,
@@ -541,11 +694,7 @@ def generate_mini_pab(
         raise TpasInputError(f"image_size {image_size} is too small; use at least 16x16")
     if train_captions_per_image < 1 or test_captions_per_image < 1:
         raise TpasInputError("captions per image must be >= 1")
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise TpasInputError("output folder is not empty (pass overwrite=True / --overwrite)", root)
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    _prepare_root(root, overwrite)
     size = (int(image_size[0]), int(image_size[1]))
 
     # Separate streams per purpose, so e.g. asking for more distractors does not change the training set.
@@ -556,156 +705,27 @@ def generate_mini_pab(
     val_people = [_random_person(id_rng, used) for _ in range(n_val_identities)]
     test_people = [_random_person(id_rng, used) for _ in range(n_test_identities)]
     distractor_people = [_random_person(id_rng, used) for _ in range(n_distractors)]
-    total = 2 * (n_identities + n_val_identities + n_test_identities) + n_distractors
-    done = 0
-    all_captions: list[str] = []
+    sink = _Sink(root, size, 2 * (n_identities + n_val_identities + n_test_identities) + n_distractors, progress)
 
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
-    # --- training split: imgs_K/goal (normal) and imgs_K/full (anomalous), one attr_K.json per K.
-    train_files: list[list[dict[str, str]]] = [[] for _ in range(n_train_files)]
-    counters = [0] * n_train_files
-    for i, person in enumerate(train_people):
-        k = i % n_train_files
-        actions = (
-            NORMAL_ACTIONS[int(train_rng.integers(len(NORMAL_ACTIONS)))],
-            ANOMALOUS_ACTIONS[int(train_rng.integers(len(ANOMALOUS_ACTIONS)))],
-        )
-        n = counters[k]
-        counters[k] += 2
-        rels = (f"imgs_{k}/goal/{n}.jpg", f"imgs_{k}/full/{n + 1}.jpg")
-        ids = (f"{k}_{n}", f"{k}_{n + 1}")
-        captions: list[list[str]] = []
-        for rel, action in zip(rels, actions, strict=True):
-            img, pose, _ = render_sample(person, action, size, train_rng)
-            _write(root / "train" / rel, _jpeg_bytes(img))
-            _write(root / "pose" / "train" / rel, _jpeg_bytes(pose))
-            captions.append([describe(person, action, train_rng) for _ in range(train_captions_per_image)])
-            tick()
-        for side in (0, 1):
-            other = 1 - side
-            for c in range(train_captions_per_image):
-                record = {
-                    "image": f"train/{rels[side]}",
-                    "caption": captions[side][c],
-                    "image_id": ids[side],
-                    "hard_i": rels[other],
-                    "hard_c": captions[other][c % len(captions[other])],
-                    "hard_i_id": ids[other],
-                    "source_id": f"{i}_{side}",
-                    "source_caption": _source_caption(person, actions[side]),
-                    ("normal" if side == 0 else "anomaly"): ACTION_LABELS[actions[side]],
-                    "scene": person.scene,
-                }
-                train_files[k].append(record)
-                all_captions.append(record["caption"])
-    train_paths = []
-    for k, records in enumerate(train_files):
-        path = root / "annotation" / "train" / f"attr_{k}.json"
-        _write(path, json.dumps(records, indent=1))
-        train_paths.append(path)
-
-    # --- validation and test splits: {split}/N.jpg, annotation/{split}/attr.json.
-    def eval_split(
-        split: str, people: list[Person], rng: np.random.Generator
-    ) -> tuple[Path, list[dict], list[Image.Image], list[Image.Image]]:
-        records: list[dict] = []
-        images: list[Image.Image] = []
-        poses: list[Image.Image] = []
-        for i, person in enumerate(people):
-            actions = (
-                NORMAL_ACTIONS[int(rng.integers(len(NORMAL_ACTIONS)))],
-                ANOMALOUS_ACTIONS[int(rng.integers(len(ANOMALOUS_ACTIONS)))],
-            )
-            # Shuffle which of the pair comes first so image order says nothing about behaviour.
-            order = (0, 1) if rng.random() < 0.5 else (1, 0)
-            for side in order:
-                n = len(records)
-                img, pose, _ = render_sample(person, actions[side], size, rng)
-                _write(root / split / f"{n}.jpg", _jpeg_bytes(img))
-                _write(root / "pose" / split / f"{n}.jpg", _jpeg_bytes(pose))
-                images.append(img)
-                poses.append(pose)
-                caps = [describe(person, actions[side], rng) for _ in range(test_captions_per_image)]
-                all_captions.extend(caps)
-                records.append(
-                    {
-                        "image": f"{split}/{n}.jpg",
-                        "image_id": str(n),
-                        "caption": caps,
-                        ("normal" if side == 0 else "anomaly"): ACTION_LABELS[actions[side]],
-                        "scene": person.scene,
-                        "person_id": f"{split}_{i}",
-                    }
-                )
-                tick()
-        path = root / "annotation" / split / "attr.json"
-        _write(path, json.dumps(records, indent=1))
-        return path, records, images, poses
-
-    val_path, _, _, _ = eval_split("val", val_people, val_rng)
-    test_path, test_records, test_images, test_poses = eval_split("test", test_people, test_rng)
-
-    # --- name-masked set: the test images under 15-character ids, one fresh caption each, plus distractors.
-    masked = root / "name-masked_test-set"
-    used_ids: set[str] = set()
-    queries: list[dict[str, str]] = []
-    truth: list[dict] = []
-    for rec, img, pose in zip(test_records, test_images, test_poses, strict=True):
-        gid = _masked_id(masked_rng, used_ids)
-        qid = _masked_id(masked_rng, used_ids)
-        _write(masked / "gallery" / f"{gid}.jpg", _jpeg_bytes(img))
-        _write(root / "pose" / "name-masked_test-set" / "gallery" / f"{gid}.jpg", _jpeg_bytes(pose))
-        person = test_people[int(rec["person_id"].split("_")[1])]
-        action = next(a for a, label in ACTION_LABELS.items() if label == rec.get("normal", rec.get("anomaly")))
-        caption = describe(person, action, masked_rng)
-        all_captions.append(caption)
-        queries.append({"query_index": qid, "caption": caption})
-        truth.append(
-            {
-                **{k: v for k, v in rec.items() if k not in ("image", "image_id", "caption")},
-                "image": f"gallery/{gid}.jpg",
-                "image_id": qid,
-                "query_index": qid,
-                "caption": [caption],
-            }
-        )
-    for person in distractor_people:
-        action = (NORMAL_ACTIONS + ANOMALOUS_ACTIONS)[int(masked_rng.integers(8))]
-        img, pose, _ = render_sample(person, action, size, masked_rng)
-        gid = _masked_id(masked_rng, used_ids)
-        _write(masked / "gallery" / f"{gid}.jpg", _jpeg_bytes(img))
-        _write(root / "pose" / "name-masked_test-set" / "gallery" / f"{gid}.jpg", _jpeg_bytes(pose))
-        tick()
-    # Real query files are not in gallery order; shuffle so nothing can lean on that.
-    perm = masked_rng.permutation(len(queries))
-    queries = [queries[int(j)] for j in perm]
-    query_json = masked / "query.json"
-    _write(query_json, "".join(json.dumps(q) + "\n" for q in queries))
-    query_index = masked / "query_index.txt"
-    _write(query_index, "".join(q["query_index"] + "\n" for q in queries))
-    ground_truth = masked / "ground_truth.json"
-    _write(ground_truth, json.dumps([truth[int(j)] for j in perm], indent=1))
-
-    vocab = train_wordpiece_vocab(all_captions, root / "vocab.txt", vocab_size=vocab_size)
+    train_paths, n_pairs = _train_split(sink, train_people, train_rng, n_train_files, train_captions_per_image)
+    val_path, *_ = _eval_split(sink, "val", val_people, val_rng, test_captions_per_image)
+    test_path, *test = _eval_split(sink, "test", test_people, test_rng, test_captions_per_image)
+    query_json, query_index, ground_truth = _masked_set(sink, tuple(test), test_people, distractor_people, masked_rng)
+    vocab = train_wordpiece_vocab(sink.captions, root / "vocab.txt", vocab_size=vocab_size)
     return MiniPab(
         root=root,
         train_annotations=train_paths,
         val_annotation=val_path,
         test_annotation=test_path,
         pose_dir=root / "pose",
-        gallery_dir=masked / "gallery",
+        gallery_dir=root / "name-masked_test-set" / "gallery",
         query_json=query_json,
         query_index=query_index,
         ground_truth=ground_truth,
         vocab=vocab,
-        n_train_pairs=sum(len(r) for r in train_files),
+        n_train_pairs=n_pairs,
         n_val_images=2 * n_val_identities,
         n_test_images=2 * n_test_identities,
-        n_gallery=len(test_records) + n_distractors,
+        n_gallery=len(test[0]) + n_distractors,
         meta={"seed": seed, "image_size": list(size)},
     )

@@ -26,12 +26,12 @@ from typing import Any
 import yaml
 
 from ..errors import TpasInputError
-from . import assignment, rescore, sca
+from ..io import apply_overrides, find_config, read_yaml
 from .fusion import FuseSpec
 from .normalize import check_method
+from .post import get_post_step
 from .rerank_fill import check_fill
 
-POST_STEPS = {"sca": sca.validate, "assignment": assignment.validate, "rescore": rescore.validate}
 INPUT_FORMATS = ("sims", "trec", "csv")
 TOP_KEYS = ("inputs", "normalize", "normalize_per_input", "fuse", "post", "tune")
 
@@ -64,82 +64,19 @@ class EnsembleConfig:
         return bool(self.post)
 
 
-# ------------------------------------------------------------------------------------------------ overrides
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key.path=value` -> (key path, YAML value); TpasInputError when there is no `=` or no key."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise TpasInputError(f"--set {text!r}: expected key=value (e.g. fuse.weights=[0.1,0.9,0.9])")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as e:
-        raise TpasInputError(f"--set {key}: value {value!r} is not valid YAML ({e.problem})") from None
-    return key, parsed
-
-
-def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key in a nested mapping/list structure, creating mappings on the way."""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            try:
-                idx = int(part)
-            except ValueError:
-                raise TpasInputError(f"--set {key}: {where!r} indexes a list; use a position (0, 1, ...)") from None
-            if not -len(node) <= idx < len(node):
-                raise TpasInputError(f"--set {key}: position {idx} is outside the list of {len(node)} items")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if not isinstance(node.get(part), (dict, list)):
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise TpasInputError(f"--set {key}: {'.'.join(parts[:i])!r} is a value, not a mapping or list")
-
-
-def get_key(raw: Any, key: str) -> Any:
-    """Read a dotted key (KeyError when absent)."""
-    node = raw
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
 # ------------------------------------------------------------------------------------------------ loading
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The YAML mapping in `path` (TpasInputError for a missing file, bad YAML, or a non-mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TpasInputError("config file not found", path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        raise TpasInputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, where) from None
-    if not isinstance(raw, dict):
-        raise TpasInputError("expected a YAML mapping with `inputs` and `fuse`", path)
-    return raw
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EnsembleConfig:
-    """Read, override (`--set`), resolve and validate an ensemble config."""
-    path = Path(path)
-    raw = read_yaml(path)
-    for text in overrides:
-        set_key(raw, *parse_override(text))
+    """Read a config file or packaged preset (`www25_iterative`), override (`--set`), resolve and validate it.
+
+    Relative paths resolve against the file's folder. A packaged preset, which has no folder of the user's, reads
+    them as if it sat in `configs/ensemble/` of the current directory: its `../../sims_score/x.pt` is `sims_score/x.pt`.
+    """
+    given = Path(path)
+    path = find_config(given, "ensemble")
+    raw = apply_overrides(read_yaml(path, expected="a YAML mapping with `inputs` and `fuse`"), overrides)
+    base_dir = path.resolve().parent if path == given else Path.cwd() / "configs" / "ensemble"
     try:
-        return build_config(raw, path.resolve().parent)
+        return build_config(raw, base_dir)
     except TpasInputError as e:
         raise TpasInputError(e.message, path, e.where) from None
 
@@ -231,9 +168,8 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         if not isinstance(item, dict) or len(item) != 1:
             raise TpasInputError(f"{key}: expected one step name mapped to its parameters, e.g. {{sca: {{tau: 0}}}}")
         ((name, params),) = item.items()
-        if name not in POST_STEPS:
-            raise TpasInputError(f"{key}: unknown post step {name!r}; choose one of {sorted(POST_STEPS)}")
-        post.append((name, POST_STEPS[name](_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
+        step = get_post_step(name, key)
+        post.append((name, step.validate(_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
     tune = _mapping(raw.get("tune"), "tune")
     return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune)
 

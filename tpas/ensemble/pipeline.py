@@ -12,6 +12,7 @@ from ..sims import SimsMatrix
 from .config import EnsembleConfig, InputSpec
 from .external import read_run
 from .fusion import Prepared, fuse_prepared, prepare
+from .post import get_post_step
 
 Progress = Callable[[str, int, int], None]
 
@@ -65,17 +66,10 @@ def prepare_inputs(cfg: EnsembleConfig, matrices: dict[str, SimsMatrix]) -> list
 
 def apply_post(sims: SimsMatrix, cfg: EnsembleConfig, inplace: bool = True) -> tuple[SimsMatrix, list[dict]]:
     """Apply the config's post steps in order; returns the matrix and one report per step."""
-    from . import assignment, rescore, sca
-
     reports = []
-    for name, params in cfg.post:
+    for i, (name, params) in enumerate(cfg.post):
         t0 = time.perf_counter()
-        if name == "sca":
-            sims, rep = sca.resolve_conflicts(sims, params, inplace=inplace)
-        elif name == "assignment":
-            sims, rep = assignment.assign(sims, params, inplace=inplace)
-        else:
-            sims, rep = rescore.rescore(sims, params, inplace=inplace)
+        sims, rep = get_post_step(name, f"post.{i}").run(sims, params, inplace=inplace)
         rep["seconds"] = round(time.perf_counter() - t0, 4)
         reports.append(rep)
     return sims, reports

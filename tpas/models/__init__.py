@@ -1,22 +1,12 @@
-"""Model families, their registry and the shared inference engine."""
+"""Model families, their registry and the shared inference engine.
+
+A family is a module (or package) of `tpas.models`, or of any installed distribution that declares it under the
+`tpas.families` entry-point group, that registers a `RetrievalModel` subclass with `@register("name")`. Nothing
+else lists the families: the registry imports a family's module when its name is first asked for.
+"""
 
 from __future__ import annotations
 
-import importlib
+from .base import FamilyOption, RetrievalModel, get_model_class, list_models, load_model, register
 
-from .base import RetrievalModel, get_model_class, list_models, load_model, register
-
-# Family modules register themselves on import; importing them lazily keeps `tpas --help` fast.
-_FAMILY_MODULES = ("clip", "blip2", "beit3", "cmp")
-
-
-def _load_families() -> None:
-    for name in _FAMILY_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-
-
-__all__ = ["RetrievalModel", "get_model_class", "list_models", "load_model", "register"]
+__all__ = ["FamilyOption", "RetrievalModel", "get_model_class", "list_models", "load_model", "register"]

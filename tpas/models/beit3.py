@@ -31,13 +31,14 @@ from PIL import Image
 from torch import nn
 
 from ..errors import TpasInputError
-from .base import Features, RetrievalModel, register
+from ..io import configs_root, read_yaml
+from .base import TRUST_CHECKPOINT, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import extract_state_dict, load_checkpoint, sha256_file, strip_prefix
 
 TOKENIZER_FILE = "beit3.spm"
 TOKENIZER_URL = "https://github.com/addf400/files/releases/download/beit3/beit3.spm"
 RELEASE_PAGE = "https://github.com/microsoft/unilm/tree/master/beit3"
-PRESETS_FILE = Path(__file__).resolve().parents[2] / "configs" / "models" / "beit3.yaml"
+PRESETS_FILE = configs_root() / "models" / "beit3.yaml"  # the packaged preset `beit3` (tpas.configs)
 
 # The reference normalises with timm's IMAGENET_INCEPTION_MEAN / _STD, which are both (0.5, 0.5, 0.5).
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -324,14 +325,8 @@ def infer_config(state: Mapping[str, torch.Tensor], path: Path | None = None) ->
 
 
 def load_presets(path: Path = PRESETS_FILE) -> dict[str, dict[str, Any]]:
-    """Named architectures from `configs/models/beit3.yaml` (`presets:` name -> fields)."""
-    import yaml
-
-    if not path.is_file():
-        raise TpasInputError("BEiT-3 preset file not found (it ships with the tpas source tree)", path)
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
-    presets = data.get("presets")
+    """Named architectures from the packaged `configs/models/beit3.yaml` (`presets:` name -> fields)."""
+    presets = read_yaml(path, expected="a 'presets:' mapping of name -> architecture").get("presets")
     if not isinstance(presets, dict):
         raise TpasInputError("expected a 'presets:' mapping of name -> architecture", path)
     return presets
@@ -424,7 +419,10 @@ class BEiT3Retrieval(RetrievalModel):
     """
 
     has_match_head: ClassVar[bool] = False
-    options: ClassVar[frozenset[str]] = frozenset({"tokenizer", "trust_checkpoint"})
+    options = (
+        FamilyOption("tokenizer", Path, "sentencepiece model (beit3.spm; default: the one beside the checkpoint)."),
+        TRUST_CHECKPOINT,
+    )
 
     def __init__(self, config: BEiT3Config, tokenizer: BEiT3Tokenizer | None = None, **encoder_overrides: Any):
         super().__init__()
@@ -447,7 +445,6 @@ class BEiT3Retrieval(RetrievalModel):
         *,
         tokenizer: str | Path | None = None,
         trust_checkpoint: bool = False,
-        **options: Any,
     ) -> BEiT3Retrieval:
         """Load an official or fine-tuned BEiT-3 retrieval checkpoint (weights under `model`), strictly.
 
@@ -457,8 +454,6 @@ class BEiT3Retrieval(RetrievalModel):
             tokenizer: `beit3.spm`; default: `beit3.spm` next to the checkpoint.
             trust_checkpoint: allow full unpickling (only for files from a trusted source).
         """
-        if options:
-            raise TpasInputError(f"option(s) {', '.join(sorted(options))} do not apply to beit3")
         if path is None:
             raise TpasInputError(
                 "beit3 needs --checkpoint: one of Microsoft's beit3_{base,large}_patch16_384_{coco,f30k}"

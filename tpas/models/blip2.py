@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import TpasInputError
-from .base import Features, RetrievalModel, register
+from .base import TRUST_CHECKPOINT, VOCAB, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import load_checkpoint
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,7 +151,16 @@ class Blip2Model(RetrievalModel):
     """BLIP-2 Q-Former ITC + ITM (LAVIS pretrain / pretrain_vitL) on `Blip2ForImageTextRetrieval`."""
 
     has_match_head: ClassVar[bool] = True
-    options: ClassVar[frozenset[str]] = frozenset({"itc_score", "vocab", "trust_checkpoint"})
+    options = (
+        FamilyOption(
+            "itc_score",
+            str,
+            "ITC over the query tokens: max (LAVIS) or first-token (token 0 only); default: the config's, else max.",
+            choices=ITC_SCORES,
+        ),
+        VOCAB,
+        TRUST_CHECKPOINT,
+    )
 
     def __init__(
         self,

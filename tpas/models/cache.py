@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import TpasInputError
-from ..sims import atomic_write
+from ..io import atomic_write
 from .checkpoint import sha256_file
 
 CACHE_FORMAT = 1

@@ -12,12 +12,20 @@ Every trap that silently changes the numbers (docs/models/clip.md) is guarded he
 - resolution and every other size come from the checkpoint's shapes; an `--arch` or config that disagrees is refused
   (no silent position-embedding interpolation: weights load with `strict=True` into the exact architecture);
 - fp16 tensors are cast to fp32; the int64 metadata keys are checked against the shapes and dropped;
-- nothing is downloaded: a hub tag such as `openai` is answered with the file to download and where to put it.
+- nothing is downloaded: a hub tag such as `openai` is answered with the file to download and where to put it;
+- text is tokenized as the model was trained: open_clip's BPE for CLIP-style text towers, otherwise the model's own
+  tokenizer from local files (an HF tokenizer folder, by default the checkpoint's own folder, or a sentencepiece
+  `.model` via `--tokenizer`), always padded to the context length (SigLIP's text tower pools the last position, so
+  dynamic padding would change every text embedding);
+- images are preprocessed as the weights' `open_clip_config.json` says (SigLIP: squash to the square size, no crop,
+  mean = std = 0.5), else as open_clip's pretrained table says for `--arch`, else OpenAI's recipe.
+SigLIP-style models are scored by cosine like the rest; their logit scale and bias are recorded in meta.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +35,17 @@ import torch
 from PIL import Image
 
 from ..errors import TpasInputError
-from .base import Features, RetrievalModel, register
+from .base import TRUST_CHECKPOINT, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import extract_state_dict, load_checkpoint, strip_prefix
+from .tta import TTA_OPTION, check_tta, encode_views, with_tta
 
 DEFAULT_ARCH = "ViT-L-14-336"
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# An HF tokenizer folder holds at least one of these (AutoTokenizer reads them).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Tensors that OpenAI's convert_weights leaves in fp16 (any one of them in fp16 beside an fp32 LayerNorm marks the
 # release format).
 _OPENAI_FP16_PROBE = "visual.conv1.weight"
@@ -47,11 +59,15 @@ def _oc() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint reading
-def _download_hint(arch: str | None = None, tag: str = "openai") -> str:
-    """Which file to get for an open_clip (arch, tag) and where to put it."""
+def _download_hint(arch: str | None = None, tag: str | None = None) -> str:
+    """Which file(s) to get for an open_clip (arch, tag) and where to put them (tag: `openai` or the arch's first)."""
     oc = _oc()
     base = (arch or DEFAULT_ARCH).removesuffix("-quickgelu")
+    tags = oc.list_pretrained_tags_by_model(base)
+    tag = tag or ("openai" if "openai" in tags or not tags else tags[0])
     cfg = oc.get_pretrained_cfg(base, tag) or {}
+    if cfg.get("hf_hub") and _needs_hf_tokenizer(oc.get_model_config(base) or {}):
+        return _hub_folder_hint(cfg["hf_hub"].rstrip("/"))
     sources = []
     if cfg.get("url"):
         sources.append(cfg["url"])
@@ -64,6 +80,21 @@ def _download_hint(arch: str | None = None, tag: str = "openai") -> str:
     return f"download {' or '.join(sources)}, put it at checkpoints/{name} and pass --checkpoint checkpoints/{name}"
 
 
+def _hub_folder_hint(repo: str) -> str:
+    """Where to put an open_clip hub repository's files so that tpas reads the folder offline."""
+    folder = f"checkpoints/{repo.split('/')[-1]}"
+    return (
+        f"download {OPEN_CLIP_CONFIG}, {OPEN_CLIP_FILES[0]} and the tokenizer files (tokenizer.json, "
+        f"tokenizer_config.json, special_tokens_map.json) from https://huggingface.co/{repo} into {folder}/ "
+        f"and pass --checkpoint {folder}"
+    )
+
+
+def _needs_hf_tokenizer(model_cfg: dict[str, Any]) -> bool:
+    """True when the text tower was trained with a Hugging Face / sentencepiece tokenizer, not open_clip's BPE."""
+    return bool((model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"))
+
+
 def _missing_checkpoint(path: Path | None, arch: str | None) -> TpasInputError:
     oc = _oc()
     if path is None:
@@ -73,6 +104,13 @@ def _missing_checkpoint(path: Path | None, arch: str | None) -> TpasInputError:
     if "/" not in tag and (oc.is_pretrained_cfg(base, tag) or oc.list_pretrained_models_by_tag(tag)):
         return TpasInputError(
             f"{tag!r} is an open_clip hub tag, not a file; tpas never downloads weights: {_download_hint(arch, tag)}"
+        )
+    repo = tag.removeprefix("hf-hub:")
+    looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and Path(repo).suffix not in _WEIGHT_SUFFIXES
+    if tag.startswith("hf-hub:") or (looks_like_repo and not repo.startswith(".")):
+        return TpasInputError(
+            f"{tag!r} is not a local folder (a Hugging Face hub name?); tpas never downloads weights: "
+            f"{_hub_folder_hint(repo)}"
         )
     return TpasInputError(f"checkpoint not found; {_download_hint(arch)}", path)
 
@@ -276,11 +314,37 @@ def _resolve_config(
     pre = {"image_size": image_size if image_size is not None else 224}
     if oc_json is not None:
         pre.update({k: v for k, v in (oc_json.get("preprocess_cfg") or {}).items() if k in _PRE_KEYS})
+    elif arch:
+        pre.update(_arch_preprocess(arch))
     pre.update({k: v for k, v in (config.get("preprocess") or {}).items() if k in _PRE_KEYS})
     return name, model_cfg, pre
 
 
 _PRE_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _arch_preprocess(arch: str) -> dict[str, Any]:
+    """The eval preprocessing open_clip's pretrained table gives an architecture (SigLIP: squash, mean = std = 0.5);
+    empty when it lists none; refused when its weights disagree (then the config must state it)."""
+    oc = _oc()
+    base = arch.removesuffix("-quickgelu")
+    found = set()
+    for tag in oc.list_pretrained_tags_by_model(base):
+        cfg = oc.get_pretrained_cfg(base, tag)
+        if cfg.get("mean") is not None:
+            found.add(
+                tuple(
+                    (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                    for k, v in sorted(cfg.items())
+                    if k in _PRE_KEYS
+                )
+            )
+    if len(found) > 1:
+        raise TpasInputError(
+            f"open_clip's weights for {base} differ in preprocessing; state it in a config (preprocess: mean, std, "
+            f"interpolation, resize_mode) or put the weights' {OPEN_CLIP_CONFIG} beside them"
+        )
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in next(iter(found), ())}
 
 
 def _registered_name(geometry: dict[str, Any], quick_gelu: bool) -> str | None:
@@ -301,6 +365,81 @@ def _registered_name(geometry: dict[str, Any], quick_gelu: bool) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- tokenizers
+class SentencePieceTokenizer:
+    """A SigLIP-style tokenizer from a local sentencepiece `.model`: cleaned text -> pieces + EOS, truncated and
+    padded to the context length. Padding as open_clip's SigLipTokenizer sets it: EOS for T5 vocabularies (SigLIP),
+    `<pad>` for Gemma's (SigLIP 2, recognised by its `<bos>` piece)."""
+
+    def __init__(self, path: Path, context_length: int, clean: str = "canonicalize"):
+        import sentencepiece
+
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise TpasInputError(f"not a sentencepiece model ({str(e).splitlines()[0]})", path) from None
+        unk = self.sp.unk_id()
+        gemma = self.sp.piece_to_id("<bos>") != unk
+        self.eos_id = self.sp.piece_to_id("<eos>" if gemma else "</s>")
+        self.pad_id = self.sp.piece_to_id("<pad>") if gemma else self.eos_id
+        if unk in (self.eos_id, self.pad_id):
+            raise TpasInputError("sentencepiece model has no </s> (T5) or <eos>/<pad> (Gemma) piece", path)
+        self.context_length = context_length
+        self.clean = _oc().tokenizer.get_clean_fn(clean)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [*self.sp.encode(self.clean(text))[: self.context_length - 1], self.eos_id]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def build_tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: Path | None) -> tuple[Any, str]:
+    """(tokenizer callable -> [N, context_length] ids, where it came from) for a model_cfg.
+
+    Text towers trained with open_clip's BPE use it (a `--tokenizer` is refused); the others need their own tokenizer
+    from local files: `tokenizer` (an HF tokenizer folder or a sentencepiece `.model`), else `folder` (the weights'
+    folder) when it holds HF tokenizer files. open_clip's HFTokenizer always pads to the context length.
+    """
+    oc = _oc()
+    text_cfg = model_cfg.get("text_cfg") or {}
+    length = int(text_cfg.get("context_length", 77))
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if not hf_name:
+        if tokenizer is not None:
+            raise TpasInputError("--tokenizer does not apply: this model's text tower uses open_clip's BPE tokenizer")
+        return oc.SimpleTokenizer(context_length=length, **kwargs), "open_clip-bpe"
+    source = tokenizer
+    if source is None and folder is not None and any((folder / f).is_file() for f in HF_TOKENIZER_FILES):
+        source = folder
+    if source is None:
+        raise TpasInputError(
+            f"this model's text tower was trained with the {hf_name} tokenizer, which tpas never downloads: put its "
+            f"files (tokenizer.json, tokenizer_config.json, special_tokens_map.json from https://huggingface.co/"
+            f"{hf_name}) beside {OPEN_CLIP_CONFIG}, or pass --tokenizer DIR (those files) or FILE.model (sentencepiece)"
+        )
+    source = Path(source)
+    if source.is_file() and source.suffix == ".model":
+        return SentencePieceTokenizer(source, length, kwargs.get("clean", "canonicalize")), f"sentencepiece:{source}"
+    if not source.is_dir() or not any((source / f).is_file() for f in HF_TOKENIZER_FILES):
+        raise TpasInputError(
+            f"expected a folder with {' or '.join(HF_TOKENIZER_FILES)}, or a sentencepiece .model file", source
+        )
+    try:
+        tok = oc.tokenizer.HFTokenizer(
+            str(source),
+            context_length=length,
+            tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            local_files_only=True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        raise TpasInputError(f"unreadable tokenizer ({str(e).splitlines()[0]})", source) from None
+    return tok, f"hf:{source}"
+
+
 # ---------------------------------------------------------------------------------------------- the family
 class ClipPreprocess:
     """open_clip eval transform as a small picklable callable: PIL image -> {"pixels": [3, S, S]}."""
@@ -314,9 +453,20 @@ class ClipPreprocess:
 
 @register("clip")
 class ClipModel(RetrievalModel):
-    """An open_clip CLIP with OpenAI's test-time preprocessing and tokenizer; features L2-normalised, sims = cosine."""
+    """An open_clip model (CLIP, SigLIP, EVA02-CLIP, MetaCLIP, DFN, ...) with its own test-time preprocessing and
+    tokenizer; features L2-normalised, sims = cosine."""
 
-    options = frozenset({"arch", "trust_checkpoint"})
+    options = (
+        FamilyOption("arch", str, "open_clip architecture, e.g. ViT-B-16-SigLIP; default: read from the checkpoint."),
+        FamilyOption(
+            "tokenizer",
+            Path,
+            "Tokenizer of an HF-tokenizer text tower: folder (tokenizer.json ...) or "
+            "sentencepiece .model; default: the checkpoint's folder.",
+        ),
+        TTA_OPTION,
+        TRUST_CHECKPOINT,
+    )
 
     def __init__(
         self,
@@ -325,6 +475,8 @@ class ClipModel(RetrievalModel):
         model_cfg: dict[str, Any],
         preprocess_cfg: dict[str, Any],
         checkpoint_format: str = "none",
+        tokenizer: tuple[Any, str] | None = None,
+        tta: str = "none",
     ):
         super().__init__()
         oc = _oc()
@@ -332,6 +484,7 @@ class ClipModel(RetrievalModel):
         self.arch = arch
         self.model_cfg = model_cfg
         self.checkpoint_format = checkpoint_format
+        self.tta = check_tta(tta)
         mean = preprocess_cfg.get("mean") or oc.constants.OPENAI_DATASET_MEAN
         std = preprocess_cfg.get("std") or oc.constants.OPENAI_DATASET_STD
         self.preprocess_cfg = {
@@ -350,14 +503,8 @@ class ClipModel(RetrievalModel):
             resize_mode=p["resize_mode"],
             interpolation=p["interpolation"],
         )
-        text_cfg = model_cfg.get("text_cfg") or {}
-        self.context_length = int(text_cfg.get("context_length", 77))
-        if arch not in ("custom", "open_clip_config.json") and oc.get_model_config(arch) is not None:
-            self.tokenizer = oc.get_tokenizer(arch, context_length=self.context_length)
-        elif text_cfg.get("hf_tokenizer_name"):
-            self.tokenizer = oc.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=self.context_length)
-        else:
-            self.tokenizer = oc.SimpleTokenizer(context_length=self.context_length)
+        self.context_length = int((model_cfg.get("text_cfg") or {}).get("context_length", 77))
+        self.tokenizer, self.tokenizer_source = tokenizer or build_tokenizer(model_cfg, None, None)
 
     @classmethod
     def from_checkpoint(
@@ -366,26 +513,31 @@ class ClipModel(RetrievalModel):
         config: dict[str, Any] | None = None,
         *,
         arch: str | None = None,
+        tokenizer: Path | None = None,
+        tta: str | None = None,
         trust_checkpoint: bool = False,
     ) -> ClipModel:
         """Build from any accepted checkpoint; the architecture comes from its shapes (see module docstring)."""
+        tta = check_tta(tta)
         if path is None or not Path(path).exists():
             raise _missing_checkpoint(None if path is None else Path(path), arch or (config or {}).get("arch"))
         state, info = _read_checkpoint(Path(path), trust_checkpoint)
         name, model_cfg, pre = _resolve_config(state, info, config, arch)
+        folder = info["file"].parent if info["open_clip_config"] is not None else None
+        tok = build_tokenizer(model_cfg, folder, tokenizer)
         clip = build_open_clip(model_cfg, name)
         try:
             clip.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = " ".join(str(e).split())[:400]
             raise TpasInputError(f"weights do not fit the {name} architecture: {first}", info["file"]) from None
-        model = cls(clip, name, model_cfg, pre, info["format"])
+        model = cls(clip, name, model_cfg, pre, info["format"], tok, tta)
         model.checkpoint_path = Path(path)
         return model
 
     def describe(self) -> dict[str, Any]:
-        """Architecture, activation, preprocessing and tokenizer (JSON-able)."""
-        return {
+        """Architecture, activation, preprocessing, tokenizer and TTA (JSON-able)."""
+        out = {
             "family": "clip",
             "arch": self.arch,
             "model_cfg": self.model_cfg,
@@ -394,32 +546,46 @@ class ClipModel(RetrievalModel):
             "preprocess": {"transform": "open_clip.image_transform(is_train=False)", **self.preprocess_cfg},
             "tokenizer": {
                 "type": type(self.tokenizer).__name__,
+                "source": self.tokenizer_source,
                 "context_length": self.context_length,
+                "padding": "max_length",
                 "truncate": True,
             },
+            "tta": self.tta,
             "features": "L2-normalised; similarity = text @ image.T",
         }
+        bias = getattr(self.clip, "logit_bias", None)
+        if bias is not None:
+            # Sigmoid-trained (SigLIP): tpas scores by cosine; P(match) = sigmoid(scale * cosine + bias).
+            out["sigmoid"] = {
+                "logit_scale": float(self.clip.logit_scale.detach().exp()),
+                "logit_bias": float(bias.detach()),
+            }
+        return out
 
     @property
-    def image_preprocessor(self) -> ClipPreprocess:
-        """The picklable transform that DataLoader workers run (no weights inside)."""
-        return ClipPreprocess(self.transform)
+    def image_preprocessor(self) -> Any:
+        """The picklable transform that DataLoader workers run (no weights inside), with the mirror view for TTA."""
+        return with_tta(ClipPreprocess(self.transform), self.tta)
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        """open_clip's eval transform (resize shorter side, center crop, to RGB after resizing, mean/std)."""
-        return ClipPreprocess(self.transform)(image, pose)
+        """open_clip's eval transform (resize per resize_mode, center crop, RGB, mean/std); with TTA, two views."""
+        return self.image_preprocessor(image, pose)
 
     def tokenize(self, texts: Sequence[str]) -> Features:
-        """open_clip tokenizer: SOT + BPE + EOT, truncated to the context length with EOT kept last."""
+        """The model's tokenizer, truncated and padded to the context length (BPE: EOT kept last)."""
         return {"input_ids": self.tokenizer(list(texts))}
 
     def encode_images(self, batch: Features) -> Features:
         """L2-normalised image embeddings [N, D], normalised in fp32 whatever the autocast precision."""
-        feats = self.clip.encode_image(batch["pixels"])
-        return {"embed": torch.nn.functional.normalize(feats.float(), dim=-1)}
+
+        def encode(b: Features) -> torch.Tensor:
+            return torch.nn.functional.normalize(self.clip.encode_image(b["pixels"]).float(), dim=-1)
+
+        return encode_views(encode, batch, self.tta)
 
     def encode_texts(self, tokens: Features) -> Features:
-        """L2-normalised text embeddings [N, D] (pooled at the EOT token)."""
+        """L2-normalised text embeddings [N, D] (pooled as the text tower was trained: EOT, last token, ...)."""
         feats = self.clip.encode_text(tokens["input_ids"])
         return {"embed": torch.nn.functional.normalize(feats.float(), dim=-1)}
 

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data.pab import IMAGE_SUFFIXES
 from ..errors import TpasInputError
-from ..sims import atomic_write
+from ..io import atomic_write
 from .detect import PoseDetector
 from .keypoints import KeypointIndex, load_keypoints
 from .render import render_pose_map

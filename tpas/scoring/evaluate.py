@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import pandas as pd
@@ -15,24 +14,13 @@ from ..errors import TpasInputError
 from ..ranking import Ties, relevant_ranks, topk_relevant_ranks
 from ..sims import SimsMatrix
 from .metrics import METRICS, aggregate, per_query_metrics
+from .relevance import Match, check_policies, join_ground_truth
 
 TABLE_METRICS = (*METRICS, "mAP@10")
 """Columns of the overall and breakdown tables (besides `n`): the five of `--json` plus the leaderboard's top-10 mAP."""
 
 # What users type after --by for the normal/anomaly split, mapped to the ground-truth column.
 COLUMN_ALIASES = {"normal/anomaly": "behaviour", "anomaly": "behaviour", "normal": "behaviour", "behavior": "behaviour"}
-
-
-class Match(str, Enum):
-    """Which gallery images count as relevant for a caption.
-
-    - `image` (the PAB protocol): its own record's image.
-    - `identity`: every image whose record has the same `image_id` (the person identity, where the annotation reuses
-      an id across records).
-    """
-
-    IMAGE = "image"
-    IDENTITY = "identity"
 
 
 @dataclass
@@ -79,39 +67,6 @@ def _summary(frame: pd.DataFrame) -> dict[str, Any]:
     return {"n": len(frame), **aggregate(per, TABLE_METRICS)}
 
 
-def _relevant_columns(sims: SimsMatrix, gt: GroundTruth, match: Match) -> torch.Tensor:
-    """[Q, M] gallery columns of each gt query's relevant images (-1 padding); errors name query and gallery id."""
-    col_of = {g: i for i, g in enumerate(sims.gallery_ids)}
-    where = None if gt.path is None else gt.path
-    if match is Match.IMAGE:
-        cols = []
-        for q in gt.query_ids:
-            gid = gt.relevant[q]
-            c = col_of.get(gid)
-            if c is None:
-                raise TpasInputError(
-                    f"query {q!r}: its relevant image {gid!r} is not a gallery id of the matrix "
-                    f"({len(sims.gallery_ids)} gallery ids, e.g. {sims.gallery_ids[:2]})",
-                    where,
-                )
-            cols.append([c])
-        return torch.tensor(cols, dtype=torch.long).reshape(len(cols), 1)
-    groups = gt.identity_groups()
-    lists = []
-    for q, ident in zip(gt.query_ids, gt.frame["image_id"], strict=True):
-        lst = []
-        for gid in groups[ident]:
-            c = col_of.get(gid)
-            if c is None:
-                raise TpasInputError(
-                    f"query {q!r}: image {gid!r} of identity {ident!r} is not a gallery id of the matrix", where
-                )
-            lst.append(c)
-        lists.append(lst)
-    width = max(len(x) for x in lists)
-    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
-
-
 def evaluate(
     sims: SimsMatrix,
     gt: GroundTruth,
@@ -125,26 +80,16 @@ def evaluate(
     first missing id otherwise). Matrix rows that are not ground-truth queries are ignored and counted in
     `unscored_rows`. `by` names columns to break down by; they are checked here so a typo fails before any work.
     """
-    ties, match = Ties(ties), Match(match)
+    match, ties = check_policies(match, ties)
     columns = ["query_id", *gt.frame.columns]
     by = tuple(resolve_column(b, columns) for b in by)
-    row_of = {qid: i for i, qid in enumerate(sims.query_ids)}
-    missing = next((q for q in gt.query_ids if q not in row_of), None)
-    if missing is not None:
-        n_missing = sum(q not in row_of for q in gt.query_ids)
-        raise TpasInputError(
-            f"ground-truth query {missing!r} is not a row of the matrix ({n_missing} of {len(gt.query_ids)} "
-            f"ground-truth queries missing; matrix rows look like {sims.query_ids[:2]})",
-            gt.path,
-        )
-    rel = _relevant_columns(sims, gt, match)
-    rows = torch.tensor([row_of[q] for q in gt.query_ids], dtype=torch.long)
-    identity_rows = len(rows) == len(sims.query_ids) and bool((rows == torch.arange(len(rows))).all())
+    rel = join_ground_truth(gt, sims.query_ids, sims.gallery_ids, match)
+    rows = None if rel.is_every_row(len(sims.query_ids)) else rel.rows
     if sims.is_dense:
-        ranks = relevant_ranks(sims.scores, rel, ties, rows=None if identity_rows else rows)
+        ranks = relevant_ranks(sims.scores, rel.cols, ties, rows=rows)
     else:
-        idx, val = (sims.indices, sims.values) if identity_rows else (sims.indices[rows], sims.values[rows])
-        ranks = topk_relevant_ranks(idx, val, len(sims.gallery_ids), rel, ties)
+        idx, val = (sims.indices, sims.values) if rows is None else (sims.indices[rows], sims.values[rows])
+        ranks = topk_relevant_ranks(idx, val, len(sims.gallery_ids), rel.cols, ties)
     per = per_query_metrics(ranks)
     per_query = pd.DataFrame({k: per[k].numpy() for k in ("rank", "R@1", "R@5", "R@10", "AP", "INP", "AP@10")})
     per_query.insert(0, "query_id", gt.query_ids)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import TpasInputError
-from ..sims import atomic_write
+from ..io import atomic_write
 
 # Columns of a trials CSV that describe bookkeeping, never a tuned parameter.
 _BOOKKEEPING = {

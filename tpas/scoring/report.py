@@ -7,7 +7,8 @@ top-1. Summary plots (R@K curves, breakdowns by normal/anomaly and scene, the en
 
 The page needs no server and no network: everything it references lives beside it, under relative paths
 (`<page stem>_files/thumbs/*.jpg`, `<page stem>_files/plots/*.png`). The page and its folder are built in a temporary
-folder and moved into place at the end, so an interrupted run never leaves a half-written report.
+folder and moved into place at the end, so an interrupted run never leaves a half-written report. The page itself is
+`templates/report.html` (package data, with its CSS and JS), filled in with `string.Template`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import html
 import json
 import os
 import shutil
+import string
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,7 @@ import torch
 from .. import __version__
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
+from .relevance import join_ground_truth
 
 if TYPE_CHECKING:
     from ..data.pab import GroundTruth
@@ -168,6 +172,39 @@ def _write_thumbnail(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the report
+@dataclass
+class _Page:
+    """Everything the page shows: the models, their metrics and top hits, and which queries to show."""
+
+    names: list[str]
+    ensembles: set[str]
+    sources: dict[str, str]
+    metrics: pd.DataFrame
+    frame: pd.DataFrame
+    qids: list[str]
+    shown: list[int]
+    gallery_ids: list[str]
+    gt_cols: np.ndarray
+    tops: dict[str, torch.Tensor]
+    top_scores: dict[str, torch.Tensor]
+    ranks: dict[str, np.ndarray]
+    disagree: np.ndarray
+    identities: dict[str, str]
+    identity_source: str | None
+    assets_name: str
+    plot_files: dict[str, str] = field(default_factory=dict)
+
+    def needed_columns(self) -> list[int]:
+        """Gallery columns to make thumbnails of: each shown query's relevant image and every model's top hits."""
+        needed: dict[int, None] = {}
+        for r in self.shown:
+            needed[int(self.gt_cols[r])] = None
+            for n in self.names:
+                for c in self.tops[n][r].tolist():
+                    needed[int(c)] = None
+        return list(needed)
+
+
 def build_report(
     models: Mapping[str, SimsMatrix],
     gt: GroundTruth,
@@ -187,8 +224,6 @@ def build_report(
     adds the tuning-surface plot. Metrics cover every ground-truth query; the page shows at most `max_queries`.
     """
     from ..data.pab import list_gallery
-    from ..scoring import evaluate, metrics_from_ranks
-    from . import plots
 
     if not models:
         raise TpasInputError("no similarity matrix given; pass one or more SIMS files")
@@ -198,27 +233,63 @@ def build_report(
     if out.suffix.lower() not in (".html", ".htm"):
         raise TpasInputError("the report is an HTML page; give a path ending in .html", out)
     tick = progress or (lambda stage, done, total: None)
-    names = list(models)
-    qids = list(gt.query_ids)
+    page = _plan_page(models, gt, top_k, max_queries, f"{out.stem}_files", tick)
+    gallery = {g.id: g.path for g in list_gallery(images_dir)}
+    needed = page.needed_columns()
+    absent = next((page.gallery_ids[c] for c in needed if page.gallery_ids[c] not in gallery), None)
+    if absent is not None:
+        raise TpasInputError(
+            f"gallery image {absent!r} (a ground truth or top-{top_k} hit) is not in this folder", Path(images_dir)
+        )
 
-    # Rows: exactly the ground-truth queries, in ground-truth order; columns: the first matrix's gallery order.
-    first = models[names[0]]
+    def write_assets(folder: Path) -> None:
+        _write_assets(folder, page, needed, gallery, trials, objective, tick)
+
+    assets = _write_staged(out, page, write_assets)
+    return Report(
+        path=out,
+        assets=assets,
+        models=page.names,
+        metrics=page.metrics,
+        n_queries=len(page.qids),
+        n_shown=len(page.shown),
+        n_disagree=int(page.disagree.sum()),
+        n_thumbnails=len(needed),
+        plots={k: assets / "plots" / v for k, v in page.plot_files.items()},
+        identity_source=page.identity_source,
+    )
+
+
+def _aligned(models: Mapping[str, SimsMatrix], gt: GroundTruth) -> tuple[dict[str, SimsMatrix], np.ndarray]:
+    """Every matrix with exactly the ground-truth rows (in their order) and the first one's gallery order, and each
+    query's relevant column in that order (the ground-truth join of `tpas evaluate`)."""
+    first = next(iter(models.values()))
     aligned: dict[str, SimsMatrix] = {}
-    for name in names:
-        m = models[name]
-        have = set(m.query_ids)
-        missing = next((q for q in qids if q not in have), None)
-        if missing is not None:
-            raise TpasInputError(f"{name}: ground-truth query {missing!r} has no row in this matrix")
-        aligned[name] = m.select(qids).align(gallery_ids=first.gallery_ids)
-    gallery_ids = first.gallery_ids
-    g_pos = {g: i for i, g in enumerate(gallery_ids)}
-    missing_gt = next((g for g in gt.relevant.values() if g not in g_pos), None)
-    if missing_gt is not None:
-        raise TpasInputError(f"ground-truth image {missing_gt!r} is not in the matrices' gallery")
-    gt_cols = np.array([g_pos[gt.relevant[q]] for q in qids])
+    gt_cols = np.zeros(0, dtype=np.int64)
+    for name, m in models.items():
+        try:
+            rel = join_ground_truth(gt, m.query_ids, m.gallery_ids)
+        except TpasInputError as e:
+            raise TpasInputError(f"{name}: {e.message}", e.path, e.where) from None
+        if m is first:
+            gt_cols = rel.cols[:, 0].numpy()
+        aligned[name] = m.select(list(gt.query_ids)).align(gallery_ids=first.gallery_ids)
+    return aligned, gt_cols
 
-    # Metrics through the same code path as `tpas evaluate`.
+
+def _plan_page(
+    models: Mapping[str, SimsMatrix],
+    gt: GroundTruth,
+    top_k: int,
+    max_queries: int | None,
+    assets_name: str,
+    tick: Progress,
+) -> _Page:
+    """Score every model (through `tpas evaluate`), find each one's top hits and choose the queries to show."""
+    from . import evaluate, metrics_from_ranks
+
+    names, qids = list(models), list(gt.query_ids)
+    aligned, gt_cols = _aligned(models, gt)
     ranks: dict[str, np.ndarray] = {}
     overall: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
@@ -229,100 +300,82 @@ def build_report(
         overall[name] = {k: float(v) for k, v in metrics_from_ranks(torch.as_tensor(ranks[name])).items()}
     tick("scoring", len(names), len(names))
     metrics = pd.DataFrame({k: [overall[n].get(k, np.nan) for n in names] for k in METRICS}, index=names)
-
     tops = {n: _top_indices(aligned[n], top_k) for n in names}
-    top_scores = {n: _top_scores(aligned[n], tops[n]) for n in names}
     top1 = np.stack([tops[n][:, 0].numpy() for n in names])  # [models, Q]
     disagree = (top1 != top1[:1]).any(axis=0)
-    shown = _select_queries(qids, disagree, max_queries)
-
     identities, identity_source = identity_map(gt)
-    frame = gt.frame
+    return _Page(
+        names=names,
+        ensembles={n for n in names if _is_ensemble(n, models[n])},
+        sources={n: models[n].source for n in names},
+        metrics=metrics,
+        frame=gt.frame,
+        qids=qids,
+        shown=_select_queries(qids, disagree, max_queries),
+        gallery_ids=list(aligned[names[0]].gallery_ids),
+        gt_cols=gt_cols,
+        tops=tops,
+        top_scores={n: _top_scores(aligned[n], tops[n]) for n in names},
+        ranks=ranks,
+        disagree=disagree,
+        identities=identities,
+        identity_source=identity_source,
+        assets_name=assets_name,
+    )
 
-    gallery = {g.id: g.path for g in list_gallery(images_dir)}
-    needed: dict[int, None] = {}
-    for r in shown:
-        needed[int(gt_cols[r])] = None
-        for n in names:
-            for c in tops[n][r].tolist():
-                needed[int(c)] = None
-    absent = next((gallery_ids[c] for c in needed if gallery_ids[c] not in gallery), None)
-    if absent is not None:
-        raise TpasInputError(
-            f"gallery image {absent!r} (a ground truth or top-{top_k} hit) is not in this folder", Path(images_dir)
-        )
 
+def _write_staged(out: Path, page: _Page, write_assets: Callable[[Path], None]) -> Path:
+    """Build the page and its assets folder in a temporary folder beside `out`, then move both into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    assets_name = f"{out.stem}_files"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        assets = tmp / assets_name
-        (assets / "thumbs").mkdir(parents=True)
-        (assets / "plots").mkdir()
-        for j, c in enumerate(needed):
-            if j % 50 == 0:
-                tick("thumbnails", j, len(needed))
-            _write_thumbnail(gallery[gallery_ids[c]], assets / "thumbs" / f"{c}.jpg")
-        tick("thumbnails", len(needed), len(needed))
-
-        plot_files: dict[str, str] = {}
-        tick("plots", 0, 1)
-        plots.plot_recall_curves(ranks, assets / "plots" / "recall_at_k.png", max_k=min(20, len(gallery_ids)))
-        plot_files["Recall at K"] = "recall_at_k.png"
-        for col, title in (("behaviour", "normal / anomaly"), ("scene", "scene"), ("action", "action")):
-            table = _breakdown(frame, qids, ranks, col, metrics_from_ranks)
-            if table is None:
-                continue
-            fname = f"breakdown_{_safe_name(col)}.png"
-            panels = {m: pd.DataFrame({n: table[(n, m)] for n in names}) for m in ("R@1", "mAP")}
-            plots.plot_breakdown(panels, assets / "plots" / fname, title=title, counts=table[("n", "")])
-            plot_files[f"By {title}"] = fname
-        if trials is not None:
-            plots.plot_tuning_surface(trials, assets / "plots" / "tuning_surface.png", objective=objective)
-            plot_files["Ensemble tuning surface"] = "tuning_surface.png"
-        tick("plots", 1, 1)
-
-        page = _render(
-            names=names,
-            ensembles={n for n in names if _is_ensemble(n, models[n])},
-            sources={n: models[n].source for n in names},
-            metrics=metrics,
-            frame=frame,
-            qids=qids,
-            shown=shown,
-            gallery_ids=gallery_ids,
-            gt_cols=gt_cols,
-            tops=tops,
-            top_scores=top_scores,
-            ranks=ranks,
-            disagree=disagree,
-            identities=identities,
-            identity_source=identity_source,
-            assets_name=assets_name,
-            plot_files=plot_files,
-        )
-        (tmp / out.name).write_text(page, encoding="utf-8")
-
-        final_assets = out.parent / assets_name
+        assets = tmp / page.assets_name
+        write_assets(assets)
+        (tmp / out.name).write_text(_render(page), encoding="utf-8")
+        final_assets = out.parent / page.assets_name
         if final_assets.exists():
             final_assets.rename(tmp / "previous")  # removed with tmp below
         os.replace(assets, final_assets)
         os.replace(tmp / out.name, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final_assets
 
-    return Report(
-        path=out,
-        assets=final_assets,
-        models=names,
-        metrics=metrics,
-        n_queries=len(qids),
-        n_shown=len(shown),
-        n_disagree=int(disagree.sum()),
-        n_thumbnails=len(needed),
-        plots={k: final_assets / "plots" / v for k, v in plot_files.items()},
-        identity_source=identity_source,
-    )
+
+def _write_assets(
+    assets: Path,
+    page: _Page,
+    needed: Sequence[int],
+    gallery: Mapping[str, Path],
+    trials: pd.DataFrame | None,
+    objective: str | None,
+    tick: Progress,
+) -> None:
+    """Thumbnails of the `needed` gallery columns and the summary plots (recorded in `page.plot_files`)."""
+    from . import metrics_from_ranks, plots
+
+    (assets / "thumbs").mkdir(parents=True)
+    (assets / "plots").mkdir()
+    for j, c in enumerate(needed):
+        if j % 50 == 0:
+            tick("thumbnails", j, len(needed))
+        _write_thumbnail(gallery[page.gallery_ids[c]], assets / "thumbs" / f"{c}.jpg")
+    tick("thumbnails", len(needed), len(needed))
+    tick("plots", 0, 1)
+    plots.plot_recall_curves(page.ranks, assets / "plots" / "recall_at_k.png", max_k=min(20, len(page.gallery_ids)))
+    page.plot_files["Recall at K"] = "recall_at_k.png"
+    for col, title in (("behaviour", "normal / anomaly"), ("scene", "scene"), ("action", "action")):
+        table = _breakdown(page.frame, page.qids, page.ranks, col, metrics_from_ranks)
+        if table is None:
+            continue
+        fname = f"breakdown_{_safe_name(col)}.png"
+        panels = {m: pd.DataFrame({n: table[(n, m)] for n in page.names}) for m in ("R@1", "mAP")}
+        plots.plot_breakdown(panels, assets / "plots" / fname, title=title, counts=table[("n", "")])
+        page.plot_files[f"By {title}"] = fname
+    if trials is not None:
+        plots.plot_tuning_surface(trials, assets / "plots" / "tuning_surface.png", objective=objective)
+        page.plot_files["Ensemble tuning surface"] = "tuning_surface.png"
+    tick("plots", 1, 1)
 
 
 def _breakdown(
@@ -352,211 +405,108 @@ def _breakdown(
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def _render(
-    *,
-    names: list[str],
-    ensembles: set[str],
-    sources: Mapping[str, str],
-    metrics: pd.DataFrame,
-    frame: pd.DataFrame,
-    qids: Sequence[str],
-    shown: Sequence[int],
-    gallery_ids: Sequence[str],
-    gt_cols: np.ndarray,
-    tops: Mapping[str, torch.Tensor],
-    top_scores: Mapping[str, torch.Tensor],
-    ranks: Mapping[str, np.ndarray],
-    disagree: np.ndarray,
-    identities: Mapping[str, str],
-    identity_source: str | None,
-    assets_name: str,
-    plot_files: Mapping[str, str],
-) -> str:
+# ------------------------------------------------------------------------------------------------- the page
+_TEMPLATE = "report.html"  # in tpas/scoring/templates/: the page with its CSS and JS; string.Template $fields
+_BEST, _DISAGREE = " class='best'", " <span class='tag dis'>models disagree</span>"
+
+
+def _render(page: _Page) -> str:
+    """The HTML page: the template filled with the summary table, the plots and one card per shown query."""
     esc = html.escape
-    BEST, DISAGREE = " class='best'", " <span class='tag dis'>models disagree</span>"
-    thumb = lambda c: f"{assets_name}/thumbs/{int(c)}.jpg"  # noqa: E731 - tiny local formatter
-
-    # Summary table: best value per metric in bold.
-    best = {m: metrics[m].max() for m in METRICS}
-    head = "".join(f"<th>{m}</th>" for m in METRICS)
-    body = []
-    for n in names:
-        tag = ' <span class="tag">ensemble</span>' if n in ensembles else ""
-        cells = "".join(
-            f"<td{BEST if metrics.loc[n, m] == best[m] else ''}>{metrics.loc[n, m]:.2f}</td>" for m in METRICS
-        )
-        body.append(f"<tr><th>{esc(n)}{tag}</th><td>{esc(sources[n] or '')}</td>{cells}</tr>")
-    summary = f"<table class='metrics'><tr><th>model</th><th>source</th>{head}</tr>{''.join(body)}</table>"
-
-    figs = "".join(
-        f"<figure><img class='plot' src='{assets_name}/plots/{esc(f)}' alt='{esc(t)}'><figcaption>{esc(t)}"
-        f"</figcaption></figure>"
-        for t, f in plot_files.items()
-    )
-
-    if identity_source is None:
+    if page.identity_source is None:
         ident_note = (
             "The annotation carries no identity information, so no blue frames can be drawn "
             "(a wrong image is red even when it shows the right person)."
         )
     else:
-        ident_note = f"Identities from the annotation's <code>{esc(identity_source)}</code> field."
-
-    cards = []
-    for r in shown:
-        q = qids[r]
-        row = frame.loc[q]
-        behaviour = str(row.get("behaviour", "") or "")
-        gt_c = int(gt_cols[r])
-        gt_id = gallery_ids[gt_c]
-        gt_identity = identities.get(gt_id)
-        attrs = [f"<span class='tag {esc(behaviour)}'>{esc(behaviour)}</span>"] if behaviour else []
-        for col in ("action", "scene"):
-            v = row.get(col, "")
-            if isinstance(v, str) and v:
-                attrs.append(f"<span class='attr'>{col}: {esc(v)}</span>")
-        lines = []
-        for n in names:
-            items = []
-            for j, (c, s) in enumerate(zip(tops[n][r].tolist(), top_scores[n][r].tolist(), strict=True)):
-                gid = gallery_ids[c]
-                if c == gt_c:
-                    kind = CORRECT
-                elif gt_identity is not None and identities.get(gid) == gt_identity:
-                    kind = SAME_IDENTITY
-                else:
-                    kind = WRONG
-                items.append(
-                    f"<div class='hit {kind}' title='{esc(gid)} (score {s:.4f})'><img src='{thumb(c)}' "
-                    f"alt='{esc(gid)}' data-gallery-id='{esc(gid)}'><span class='pos'>{j + 1}</span></div>"
-                )
-            rank = int(ranks[n][r])
-            kind_tag = "<br><span class='ensemble'>ensemble</span>" if n in ensembles and "ensemble" not in n else ""
-            lines.append(
-                f"<div class='line' data-model='{esc(n)}'><div class='who'><b>{esc(n)}</b>{kind_tag}"
-                f"<br>relevant at rank {rank}</div>{''.join(items)}</div>"
-            )
-        cards.append(
-            f"<section class='query' data-behaviour='{esc(behaviour or 'unknown')}' "
-            f"data-disagree='{'1' if disagree[r] else '0'}' id='q-{r}'>"
-            f"<div class='qhead'><code>{esc(q)}</code> {' '.join(attrs)}"
-            f"{DISAGREE if disagree[r] else ''}</div>"
-            f"<p class='caption'>{esc(str(row.get('caption', '')))}</p>"
-            f"<div class='body'><div class='gt'><div class='hit correct'><img src='{thumb(gt_c)}' alt='{esc(gt_id)}' "
-            f"data-gallery-id='{esc(gt_id)}'></div><span>relevant image<br><code>{esc(gt_id)}</code></span></div>"
-            f"<div class='lines'>{''.join(lines)}</div></div></section>"
-        )
-
+        ident_note = f"Identities from the annotation's <code>{esc(page.identity_source)}</code> field."
+    figures = "".join(
+        f"<figure><img class='plot' src='{page.assets_name}/plots/{esc(f)}' alt='{esc(t)}'><figcaption>{esc(t)}"
+        f"</figcaption></figure>"
+        for t, f in page.plot_files.items()
+    )
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    info = json.dumps({"models": names, "queries": len(qids), "shown": len(shown)})
-    return _PAGE.format(
-        css=_CSS,
-        js=_JS,
+    info = json.dumps({"models": page.names, "queries": len(page.qids), "shown": len(page.shown)})
+    template = string.Template((resources.files(__package__) / "templates" / _TEMPLATE).read_text("utf-8"))
+    return template.substitute(
         info=esc(info),
-        n_models=len(names),
-        n_queries=len(qids),
-        n_shown=len(shown),
-        n_disagree=int(disagree.sum()),
-        summary=summary,
-        figures=figs,
+        n_models=len(page.names),
+        n_queries=len(page.qids),
+        n_shown=len(page.shown),
+        n_disagree=int(page.disagree.sum()),
+        summary=_summary_table(page),
+        figures=figures,
         ident_note=ident_note,
-        cards="\n".join(cards),
+        cards="\n".join(_query_card(page, r) for r in page.shown),
         created=esc(created),
         version=esc(__version__),
     )
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1400px;padding:12px 20px;
-color:#222;background:#fafafa}
-h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin-top:1.4em}
-table.metrics{border-collapse:collapse;font-size:.9em}table.metrics td,table.metrics th{border:1px solid #ccc;
-padding:3px 8px;text-align:right}table.metrics th:first-child{text-align:left}td.best{font-weight:bold;
-background:#e8f5e9}
-.plots{display:flex;flex-wrap:wrap;gap:10px}.plots figure{margin:0;background:#fff;border:1px solid #ddd;padding:4px}
-img.plot{max-width:640px;max-height:380px}figcaption{font-size:.8em;color:#555;text-align:center}
-.legend span{display:inline-block;padding:1px 8px;margin-right:8px;border:4px solid}
-.filters{position:sticky;top:0;background:#fafafa;padding:8px 0;border-bottom:1px solid #ddd;z-index:2}
-.filters label{margin-right:14px}
-#broken{display:none;background:#ffebee;color:#b71c1c;padding:6px;border:1px solid #e57373}
-section.query{background:#fff;border:1px solid #ddd;border-radius:6px;margin:10px 0;padding:8px 10px}
-section.query.hidden{display:none}
-.qhead{font-size:.85em;color:#555}.caption{margin:.3em 0 .5em 0}
-.tag{font-size:.8em;padding:1px 6px;border-radius:8px;background:#eee}.tag.anomaly{background:#ffe0b2}
-.tag.normal{background:#e1f5fe}.tag.dis{background:#f3e5f5}.attr{font-size:.8em;margin-left:6px;color:#666}
-.body{display:flex;gap:14px;align-items:flex-start}.gt{text-align:center;font-size:.75em;color:#555;width:120px}
-.gt span{display:block}
-.line{display:flex;align-items:center;gap:6px;margin-bottom:4px}.who{width:150px;font-size:.8em;color:#444}
-.who .ensemble{color:#6a1b9a;font-weight:bold}
-.hit{position:relative;display:inline-block;border:5px solid #999;line-height:0;background:#fff}
-.hit img{height:110px;width:auto;display:block}
-.hit.correct{border-color:#1ea01e}.hit.same-identity{border-color:#1565c0}.hit.wrong{border-color:#d32f2f}
-.pos{position:absolute;left:0;top:0;background:rgba(0,0,0,.55);color:#fff;font-size:11px;line-height:14px;
-padding:0 3px}
-footer{font-size:.75em;color:#888;margin:20px 0}
-"""
+def _summary_table(page: _Page) -> str:
+    """Metrics per model, the best value of each metric in bold."""
+    esc, metrics = html.escape, page.metrics
+    best = {m: metrics[m].max() for m in METRICS}
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    body = []
+    for n in page.names:
+        tag = ' <span class="tag">ensemble</span>' if n in page.ensembles else ""
+        cells = "".join(
+            f"<td{_BEST if metrics.loc[n, m] == best[m] else ''}>{metrics.loc[n, m]:.2f}</td>" for m in METRICS
+        )
+        body.append(f"<tr><th>{esc(n)}{tag}</th><td>{esc(page.sources[n] or '')}</td>{cells}</tr>")
+    return f"<table class='metrics'><tr><th>model</th><th>source</th>{head}</tr>{''.join(body)}</table>"
 
-_JS = """
-(function(){
-  // Filter state lives in the URL fragment (#behaviour=anomaly&disagree=1) so a filtered view can be linked to.
-  function fromHash(){
-    var p=new URLSearchParams(location.hash.slice(1));
-    var b=document.querySelector('input[name=behaviour][value="'+(p.get('behaviour')||'all')+'"]');
-    if(b){b.checked=true;}
-    document.getElementById('only-disagree').checked=p.get('disagree')==='1';
-  }
-  function apply(){
-    var b=document.querySelector('input[name=behaviour]:checked').value;
-    var d=document.getElementById('only-disagree').checked;
-    var n=0;
-    document.querySelectorAll('section.query').forEach(function(s){
-      var ok=(b==='all'||s.dataset.behaviour===b)&&(!d||s.dataset.disagree==='1');
-      s.classList.toggle('hidden',!ok); if(ok){n++;}
-    });
-    document.getElementById('count').textContent=n;
-    return [b,d];
-  }
-  document.querySelectorAll('.filters input').forEach(function(i){i.addEventListener('change',function(){
-    var s=apply(); history.replaceState(null,'','#behaviour='+s[0]+(s[1]?'&disagree=1':''));
-  });});
-  fromHash(); apply();
-  // Once everything has loaded, record how many images rendered; a warning appears when any thumbnail is missing.
-  window.addEventListener('load',function(){
-    var imgs=document.querySelectorAll('img'), ok=0, bad=[];
-    imgs.forEach(function(i){ if(i.complete&&i.naturalWidth>0){ok++;} else {bad.push(i.getAttribute('src'));} });
-    document.body.dataset.imagesTotal=imgs.length; document.body.dataset.imagesLoaded=ok;
-    if(bad.length){var w=document.getElementById('broken');
-      w.textContent=bad.length+' image(s) failed to load, e.g. '+bad[0]; w.style.display='block';}
-  });
-})();
-"""
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>tpas report</title>
-<meta name="tpas-report" content="{info}">
-<style>{css}</style></head>
-<body>
-<h1>tpas retrieval report</h1>
-<p>{n_models} matrices scored on {n_queries} queries; {n_shown} shown below; the models disagree on the top-1 of
-{n_disagree}.</p>
-<div id="broken"></div>
-<h2>Metrics (%, all {n_queries} queries)</h2>
-{summary}
-<h2>Summary plots</h2>
-<div class="plots">{figures}</div>
-<h2>Top-5 per query</h2>
-<p class="legend"><span style="border-color:#1ea01e">correct</span><span style="border-color:#1565c0">same person,
-other behaviour</span><span style="border-color:#d32f2f">wrong</span> {ident_note}</p>
-<div class="filters">
-<label><input type="radio" name="behaviour" value="all" checked> all</label>
-<label><input type="radio" name="behaviour" value="normal"> normal</label>
-<label><input type="radio" name="behaviour" value="anomaly"> anomaly</label>
-<label><input type="checkbox" id="only-disagree"> only queries where models disagree on the top-1</label>
-<span><b id="count">{n_shown}</b> queries shown</span>
-</div>
-{cards}
-<footer>Generated by tpas {version} at {created}. Static page: thumbnails and plots live in the folder beside it.
-</footer>
-<script>{js}</script>
-</body></html>
-"""
+def _thumb(page: _Page, col: int) -> str:
+    return f"{page.assets_name}/thumbs/{int(col)}.jpg"
+
+
+def _query_card(page: _Page, r: int) -> str:
+    """One query: caption, attributes, its relevant image and one line of top hits per model."""
+    esc = html.escape
+    q = page.qids[r]
+    row = page.frame.loc[q]
+    behaviour = str(row.get("behaviour", "") or "")
+    gt_c = int(page.gt_cols[r])
+    gt_id = page.gallery_ids[gt_c]
+    attrs = [f"<span class='tag {esc(behaviour)}'>{esc(behaviour)}</span>"] if behaviour else []
+    for col in ("action", "scene"):
+        v = row.get(col, "")
+        if isinstance(v, str) and v:
+            attrs.append(f"<span class='attr'>{col}: {esc(v)}</span>")
+    lines = "".join(_model_line(page, n, r, gt_c) for n in page.names)
+    return (
+        f"<section class='query' data-behaviour='{esc(behaviour or 'unknown')}' "
+        f"data-disagree='{'1' if page.disagree[r] else '0'}' id='q-{r}'>"
+        f"<div class='qhead'><code>{esc(q)}</code> {' '.join(attrs)}"
+        f"{_DISAGREE if page.disagree[r] else ''}</div>"
+        f"<p class='caption'>{esc(str(row.get('caption', '')))}</p>"
+        f"<div class='body'><div class='gt'><div class='hit correct'><img src='{_thumb(page, gt_c)}' "
+        f"alt='{esc(gt_id)}' data-gallery-id='{esc(gt_id)}'></div><span>relevant image<br><code>{esc(gt_id)}</code>"
+        f"</span></div><div class='lines'>{lines}</div></div></section>"
+    )
+
+
+def _model_line(page: _Page, n: str, r: int, gt_c: int) -> str:
+    """One model's top hits for query row `r`, framed correct / same identity / wrong."""
+    esc = html.escape
+    gt_identity = page.identities.get(page.gallery_ids[gt_c])
+    items = []
+    for j, (c, s) in enumerate(zip(page.tops[n][r].tolist(), page.top_scores[n][r].tolist(), strict=True)):
+        gid = page.gallery_ids[c]
+        if c == gt_c:
+            kind = CORRECT
+        elif gt_identity is not None and page.identities.get(gid) == gt_identity:
+            kind = SAME_IDENTITY
+        else:
+            kind = WRONG
+        items.append(
+            f"<div class='hit {kind}' title='{esc(gid)} (score {s:.4f})'><img src='{_thumb(page, c)}' "
+            f"alt='{esc(gid)}' data-gallery-id='{esc(gid)}'><span class='pos'>{j + 1}</span></div>"
+        )
+    kind_tag = "<br><span class='ensemble'>ensemble</span>" if n in page.ensembles and "ensemble" not in n else ""
+    return (
+        f"<div class='line' data-model='{esc(n)}'><div class='who'><b>{esc(n)}</b>{kind_tag}"
+        f"<br>relevant at rank {int(page.ranks[n][r])}</div>{''.join(items)}</div>"
+    )

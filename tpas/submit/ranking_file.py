@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TpasInputError
+from ..io import atomic_write
 from ..ranking import topk_stable
-from ..sims import SimsMatrix, _first_difference, atomic_write
+from ..sims import SimsMatrix, _first_difference
 
 ANSWER_NAME = "answer.txt"
 """Name of the ranking file inside a submission zip (what CodaLab-style servers expect)."""

@@ -10,9 +10,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import TpasInputError
+from ..io import find_config, parse_override, read_yaml
 
 # The original code's 2x-learning-rate groups ("newly initialised" parts, docs/models/cmp.md): Swin stages 2-3, BERT
 # layers 4, 5, 10, 11, the MLM head, both projections, itm_head, pose_block and pose_conv. Regexes over parameter names.
@@ -132,38 +131,17 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str
     return out
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], YAML-parsed value)."""
-    if "=" not in item:
-        raise TpasInputError(f"--set expects key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise TpasInputError(f"--set {key}: cannot parse value {raw!r} ({e})") from None
-    return [k for k in key.strip().split(".") if k], value
-
-
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The full training config: defaults <- YAML file (if any) <- `--set` overrides."""
+    """The full training config: defaults <- YAML file or packaged preset (`cmp_tiny`), if any <- `--set` overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise TpasInputError("training config not found", p)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise TpasInputError(f"not valid YAML ({e})", p) from None
-        if not isinstance(data, dict):
-            raise TpasInputError("a training config must be a YAML mapping of sections", p)
+        p = find_config(path, "train")
+        data = read_yaml(p, expected="a YAML mapping of sections")
         cfg = _merge(cfg, data, "", p)
     for item in overrides:
-        keys, value = parse_override(item)
-        if not keys:
-            raise TpasInputError(f"--set expects key=value, got {item!r}")
+        key, value = parse_override(item)
         nested: Any = value
-        for k in reversed(keys):
+        for k in reversed(key.split(".")):
             nested = {k: nested}
         cfg = _merge(cfg, nested, "", f"--set {item}")
     return cfg

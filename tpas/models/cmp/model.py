@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from ...errors import TpasInputError
-from ..base import Features, RetrievalModel
+from ..base import TRUST_CHECKPOINT, VOCAB, Features, RetrievalModel
 from .bert import BertForMaskedLM
 from .config import CMPConfig, infer_config, observed_image_size
 from .swin import SwinEncoder, adaptive_pool_tokens
@@ -125,7 +125,7 @@ class CMP(RetrievalModel):
     `init=False` skips the random initialisation (for callers that load every tensor right after)."""
 
     has_match_head = True
-    options = frozenset({"vocab", "trust_checkpoint"})
+    options = (VOCAB, TRUST_CHECKPOINT)
 
     def __init__(self, config: CMPConfig | None = None, *, init: bool = True) -> None:
         super().__init__()
