@@ -219,6 +219,11 @@ def infer(
         The written matrix (the re-ranked one when re-ranking); every rank returns it under torchrun. Under torchrun
         the run joins the caller's process group, or creates one and destroys it before returning.
     """
+    if getattr(model, "pair_reranker", False):  # VLM re-rankers score candidate pairs only (tpas.models.vlm)
+        return model.rerank_pairs(images_dir, queries, out, pose_dir=pose_dir, rerank_k=rerank_k, candidates=candidates,
+                                  batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                                  cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
+                                  progress=progress)  # fmt: skip
     out = Path(out)
     _check_arguments(model, out, batch_size, rerank_k, candidates, pose_dir)
     num_workers = default_num_workers() if num_workers is None else num_workers
