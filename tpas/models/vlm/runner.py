@@ -25,19 +25,10 @@ from ...data.images import GalleryDataset, gallery_loader
 from ...data.pab import Query, list_gallery, read_queries
 from ...errors import TpasInputError
 from ...ranking import topk_stable
+from ...runtime import distributed, precision_policy, resolve_device
 from ...sims import SimsMatrix
 from ..cache import FeatureStore, cached_sha256, default_cache_dir, item_key
-from ..engine import (
-    PRECISIONS,
-    InferProgress,
-    ProgressFn,
-    _autocast,
-    _Dist,
-    _loader_iter,
-    default_num_workers,
-    private_store,
-    resolve_device,
-)
+from ..engine import InferProgress, ProgressFn, _loader_iter, default_num_workers, private_store
 from .batching import PromptTokens, assemble, check_assembly, collate, tokenize_prompt
 from .prompts import render
 
@@ -157,50 +148,46 @@ def rerank_candidates(
     paths = [g.path for g in gallery]
     pairs, cells = _pairs(qs, paths, top)
 
-    dist = _Dist(want_cuda=(device == "auto" and torch.cuda.is_available()) or device.startswith("cuda"))
-    tmp_store: Path | None = None
-    try:
-        dev = resolve_device(device, dist.local_rank)
-        _autocast(dev, precision)  # validates the precision for the device; the weights themselves load in it
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dtype = PRECISIONS[precision]
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        memo = root if use_cache else None
-        sha = cached_sha256(model.folder, memo)
-        adapter_sha = cached_sha256(model.adapter, memo) if model.adapter is not None else None
-        net = model.network(dev, dtype)  # an adapter for another base model fails here, before anything is written
-        if not use_cache:
-            tmp_store = Path(dist.broadcast(str(private_store(out)) if dist.rank == 0 else None))
-            root = tmp_store
-        key = {
-            "family": "vlm",
-            "checkpoint_sha256": sha,
-            "adapter_sha256": adapter_sha,
-            "model": model.describe(),
-            "precision": precision,
-            "device_type": dev.type,
-        }
-        store = FeatureStore(root, key)
-        store.scan()
-        mine = [pairs[i] for i in dist.shard(len(pairs))]
-        todo = [p for p in mine if not store.has(p.key)]
-        _score(model, net, store, qs, paths, todo, len(mine), dev, dtype, batch_size, num_workers, progress)
-        dist.barrier()
-        store.scan()  # other ranks' chunks
-        scores = store.load([p.key for p in pairs], names=["score"])["score"]
-        by_key = dict(zip((p.key for p in pairs), scores.tolist(), strict=True))
-        values = torch.tensor([[by_key[key] for key in row] for row in cells], dtype=torch.float32)
-        meta = _meta(model, sha, adapter_sha, precision, dev, images_dir, queries, candidates, k, dist.world)
-        result = SimsMatrix(query_ids, gallery_ids, indices=top, values=values, source="vlm", meta=meta)
-        if dist.rank == 0:
-            result.save(out)
-        dist.barrier()
-        return result
-    finally:
-        if tmp_store is not None and dist.rank == 0:
-            shutil.rmtree(tmp_store, ignore_errors=True)
-        dist.close()
+    dev = resolve_device(device)
+    dtype = precision_policy(dev, precision).dtype  # validated for the device; the weights themselves load in it
+    with distributed(dev) as dist:
+        tmp_store: Path | None = None
+        try:
+            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            memo = root if use_cache else None
+            sha = cached_sha256(model.folder, memo)
+            adapter_sha = cached_sha256(model.adapter, memo) if model.adapter is not None else None
+            net = model.network(dev, dtype)  # an adapter for another base model fails here, before anything is written
+            if not use_cache:
+                tmp_store = Path(dist.broadcast(str(private_store(out)) if dist.rank == 0 else None))
+                root = tmp_store
+            key = {
+                "family": "vlm",
+                "checkpoint_sha256": sha,
+                "adapter_sha256": adapter_sha,
+                "model": model.describe(),
+                "precision": precision,
+                "device_type": dev.type,
+            }
+            store = FeatureStore(root, key)
+            store.scan()
+            mine = [pairs[i] for i in dist.shard(len(pairs))]
+            todo = [p for p in mine if not store.has(p.key)]
+            _score(model, net, store, qs, paths, todo, len(mine), dev, dtype, batch_size, num_workers, progress)
+            dist.barrier()
+            store.scan()  # other ranks' chunks
+            scores = store.load([p.key for p in pairs], names=["score"])["score"]
+            by_key = dict(zip((p.key for p in pairs), scores.tolist(), strict=True))
+            values = torch.tensor([[by_key[key] for key in row] for row in cells], dtype=torch.float32)
+            meta = _meta(model, sha, adapter_sha, precision, dev, images_dir, queries, candidates, k, dist.world)
+            result = SimsMatrix(query_ids, gallery_ids, indices=top, values=values, source="vlm", meta=meta)
+            if dist.rank == 0:
+                result.save(out)
+            dist.barrier()
+            return result
+        finally:
+            if tmp_store is not None and dist.rank == 0:
+                shutil.rmtree(tmp_store, ignore_errors=True)
 
 
 def _score(
