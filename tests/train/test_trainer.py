@@ -235,3 +235,30 @@ def test_trainer_evaluation_equals_infer_then_evaluate(mini: MiniPab, tmp_path: 
     gt = load_ground_truth(mini.test_annotation)
     assert got["itc"] == evaluate(SimsMatrix.load(itc_path_for(out)), gt).metrics()
     assert got["itm"] == evaluate(SimsMatrix.load(out), gt).metrics()
+
+
+def test_divergence_stops_with_one_line_naming_the_step_and_the_last_checkpoint(
+    mini: MiniPab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from tpas.train import losses
+
+    real = losses.CMPLossModule.forward
+    calls = {"n": 0}
+
+    def diverge_at_step_3(self, batch):
+        out = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out = {**out, "itc": out["itc"] * float("nan"), "total": out["total"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(losses.CMPLossModule, "forward", diverge_at_step_3)
+    out = tmp_path / "run"
+    sets = [f"data.root={mini.root}", f"data.vocab={mini.vocab}", f"output.dir={out}", "train.batch_size=4",
+            "train.save_every_steps=2", "eval.enabled=false", "data.num_workers=0"]  # fmt: skip
+    args = ["train", "cmp", "--config", str(TINY_YAML), *(a for s in sets for a in ("--set", s))]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("error: training diverged at step 3")
+    assert f"the last good checkpoint is {out / LAST}" in err and "--resume" in err

@@ -41,7 +41,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device, dist: Di
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save to a temp file beside `path`, then rename (never a half-written checkpoint)."""
-    from ..sims import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TpasInputError
+from ..errors import TpasInputError, training_diverged
 from ..runtime import Distributed, Precision, distributed, precision_policy, resolve_device
 from .checkpoints import (
     BEST,
@@ -373,7 +373,8 @@ def _step(run: _Run, state: _State, batch: dict[str, torch.Tensor]) -> tuple[dic
     state.batch_in_epoch += 1
     values = {k: float(v.detach()) for k, v in losses.items()}
     if not all(math.isfinite(values[k]) for k in ("total", "itc", "itm", "mlm")):
-        raise FloatingPointError(f"non-finite loss at step {state.step}: {values}")
+        last = run.out_dir / LAST
+        raise training_diverged(state.step, values, last if last.is_file() else None)
     return values, lr
 
 
