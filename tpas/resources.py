@@ -8,9 +8,11 @@ form. `check_dense_fits` compares the matrix's size with what the kernel says is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import TpasResourceError
@@ -113,3 +115,15 @@ def out_of_memory_message(
     else:
         fix = "free memory, or use a machine with more"
     return f"out of memory{where} ({first}): {fix}"
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int, device: object = None, option: str = "--batch-size") -> Iterator[None]:
+    """Inside: an out-of-memory failure becomes TpasResourceError naming the batch size to lower (one line)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        where = None if device is None else str(device)
+        raise TpasResourceError(out_of_memory_message(e, batch_size=batch_size, option=option, device=where)) from None

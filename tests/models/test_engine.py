@@ -540,3 +540,32 @@ def test_model_fingerprint_without_checkpoint_file_hashes_weights_including_scal
 
     a, b = model_fingerprint(Scalar(1.0), None), model_fingerprint(Scalar(2.0), None)
     assert a != b and a == model_fingerprint(Scalar(1.0), None)
+
+
+def test_out_of_memory_names_the_batch_size_and_writes_nothing(
+    tiny_gallery: TinyGallery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tpas.errors import TpasResourceError
+
+    model = ToyMatchModel()
+
+    def no_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 1 GiB free")
+
+    monkeypatch.setattr(model, "encode_images", no_memory)
+    out = tmp_path / "toy.pt"
+    with pytest.raises(TpasResourceError, match=r"--batch-size 8 does not fit; lower it, e.g. --batch-size 4") as e:
+        infer(model, tiny_gallery.images, tiny_gallery.queries, out, batch_size=8, num_workers=0, use_cache=False)
+    assert "Tried to allocate 20.00 GiB" in str(e.value) and not out.exists()
+
+
+def test_a_dense_matrix_that_cannot_fit_is_refused_before_encoding(
+    tiny_gallery: TinyGallery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tpas.errors import TpasResourceError
+
+    monkeypatch.setenv("TPAS_MEMORY_AVAILABLE", "64")  # bytes: far less than queries x gallery x 4
+    model = ToyMatchModel()
+    with pytest.raises(TpasResourceError, match=r"dense ITC score matrix .* top-K"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "o.pt", num_workers=0, use_cache=False)
+    assert model.image_calls == 0 and not (tmp_path / "o.pt").exists()

@@ -36,6 +36,7 @@ import torch
 from ..data.images import GalleryDataset, bad_image_error, gallery_loader, pose_path
 from ..data.pab import Query, list_gallery, read_queries
 from ..errors import TpasInputError
+from ..resources import check_dense_fits, out_of_memory_hint
 from ..runtime import Autocast, Distributed, distributed, precision_policy, resolve_device
 from ..sims import SimsMatrix
 from .base import Features, RetrievalModel
@@ -236,8 +237,9 @@ def infer(
     cand = load_candidates(candidates, query_ids, gallery_ids, rerank_k) if candidates is not None else None
     dev = resolve_device(device)
     amp = precision_policy(dev, precision)
+    check_dense_fits(len(qs), len(gallery), what="ITC score matrix")
 
-    with distributed(dev) as dist:
+    with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
         run = _Run(model, dev, amp.autocast, batch_size, progress, dist)
         model.to(dev).eval()
         with _feature_store(run, out, cache_dir, use_cache, precision) as (store, sha):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import TpasInputError, training_diverged
+from ..resources import out_of_memory_hint
 from ..runtime import Distributed, Precision, distributed, precision_policy, resolve_device
 from .checkpoints import (
     BEST,
@@ -274,7 +275,8 @@ def train(cfg: dict[str, Any], *, resume: bool = False, progress: Progress | Non
     emit: Progress = progress or (lambda event: None)
     dev = resolve_device(str(cfg["train"]["device"]), option="train.device")
     amp = precision_policy(dev, str(cfg["train"]["precision"]), option="train.precision")
-    with distributed(dev) as dist:
+    batch = int(cfg["train"]["batch_size"])
+    with distributed(dev) as dist, out_of_memory_hint(batch, dev, option="--set train.batch_size"):
         run = _set_up(cfg, dev, amp, dist, emit)
         state = _resume(run) if resume else _State()
         if dist.rank == 0:

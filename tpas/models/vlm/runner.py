@@ -25,6 +25,7 @@ from ...data.images import GalleryDataset, gallery_loader
 from ...data.pab import Query, list_gallery, read_queries
 from ...errors import TpasInputError
 from ...ranking import topk_stable
+from ...resources import out_of_memory_hint
 from ...runtime import distributed, precision_policy, resolve_device
 from ...sims import SimsMatrix
 from ..cache import FeatureStore, cached_sha256, default_cache_dir, item_key
@@ -150,7 +151,7 @@ def rerank_candidates(
 
     dev = resolve_device(device)
     dtype = precision_policy(dev, precision).dtype  # validated for the device; the weights themselves load in it
-    with distributed(dev) as dist:
+    with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
         tmp_store: Path | None = None
         try:
             root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
