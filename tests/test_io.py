@@ -87,7 +87,7 @@ def test_a_path_wins_over_a_preset_and_unknown_names_list_the_presets(tmp_path, 
     assert find_config(own, "ensemble") == own
     monkeypatch.chdir(tmp_path)
     assert find_config("www25_iterative.yaml", "ensemble").resolve() == own.resolve()  # a file here wins
-    with pytest.raises(TpasInputError, match=r"wwww: file not found, nor a packaged ensemble config \(www25_iterative"):
+    with pytest.raises(TpasInputError, match=r"wwww: file not found, nor a packaged ensemble config \(.*www25"):
         find_config("wwww", "ensemble")
     with pytest.raises(TpasInputError, match="file not found"):
         find_config("sub/www25_iterative.yaml", "ensemble")  # a path is never taken for a preset name

@@ -232,8 +232,7 @@ def test_atomic_save_leaves_previous_file_and_no_temp_on_failure(tmp_path, monke
     before = path.read_bytes()
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")  # SimsMatrix.save hands torch.save an open file (see sims.torch_save)
         raise OSError("disk full")
 
     monkeypatch.setattr(sims_mod.torch, "save", broken_save)

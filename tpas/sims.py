@@ -29,7 +29,7 @@ import torch
 
 from . import __version__
 from .errors import TpasInputError
-from .io import atomic_write
+from .io import atomic_write, torch_save
 
 FORMAT = "tpas-sims/2"
 """The format `save` writes."""
@@ -320,7 +320,7 @@ class SimsMatrix:
         self.meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self.validate()
         data = self.to_dict(dtype)
-        return atomic_write(path, lambda tmp: torch.save(data, tmp))
+        return atomic_write(path, lambda tmp: torch_save(data, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> SimsMatrix:
@@ -477,5 +477,7 @@ def _safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         if "TorchScript" in str(e):
             raise TpasInputError("is a TorchScript archive, not a score file", path) from None
         raise TpasInputError(f"cannot be read as a torch file ({str(e).splitlines()[0]})", path) from None
-    except (EOFError, OSError, ValueError) as e:
-        raise TpasInputError(f"cannot be read as a torch file ({e})", path) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, ... : one line
+        raise TpasInputError(f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None

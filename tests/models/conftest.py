@@ -145,3 +145,13 @@ def clip_kit() -> SimpleNamespace:
         save_torchscript_archive=save_torchscript_archive,
         make_tiny_gallery=make_tiny_gallery,
     )
+
+
+# ---------------------------------------------------------------------------------------------- tiny VLM folders
+@pytest.fixture(scope="session")
+def vlm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random VLM folders (model + processor, tests/models/vlm_models.py), built once per session."""
+    from tests.models.vlm_models import BUILDERS
+
+    root = tmp_path_factory.mktemp("vlm-models")
+    return {name: build(root / name) for name, build in BUILDERS.items()}

@@ -117,7 +117,9 @@ def infer_family(
         return
     q, g = sims.shape
     line = f"{out}: {q} queries x {g} gallery images ({sims.source}) in {time.perf_counter() - t0:.1f} s"
-    if rerank_k is not None:
+    if getattr(model, "pair_reranker", False):
+        line += f"; top-{rerank_k} scores of the candidates in {candidates}"
+    elif rerank_k is not None:
         line += f"; ITC matrix: {itc_path_for(out)}; raw ITM (top-{rerank_k}): {itm_path_for(out)}"
     skipped = sims.meta.get("skipped_images") or []
     if skipped:

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -67,45 +68,60 @@ def _parse_score(text: str, path: Path, line: int) -> float:
     return v
 
 
-def _records_trec(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 6:
-                raise TpasInputError(
-                    f"expected 6 fields `qid Q0 docid rank score tag`, found {len(parts)}", path, f"line {n}"
-                )
-            yield n, parts[0], parts[2], _parse_score(parts[4], path, n)
+def _records_trec(path: Path, f: TextIO) -> Iterator[Record]:
+    for n, raw in enumerate(f, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise TpasInputError(
+                f"expected 6 fields `qid Q0 docid rank score tag`, found {len(parts)}", path, f"line {n}"
+            )
+        yield n, parts[0], parts[2], _parse_score(parts[4], path, n)
 
 
-def _records_csv(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise TpasInputError("empty CSV; expected a header `query_id,gallery_id,score`", path)
-        cols = [h.strip() for h in header]
-        need = ("query_id", "gallery_id", "score")
-        missing = [c for c in need if c not in cols]
-        if missing:
-            raise TpasInputError(f"CSV header lacks {', '.join(missing)}; expected `query_id,gallery_id,score`", path)
-        qi, gi, si = (cols.index(c) for c in need)
-        for n, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise TpasInputError(f"expected {len(cols)} fields, found {len(row)}", path, f"line {n}")
-            yield n, row[qi].strip(), row[gi].strip(), _parse_score(row[si].strip(), path, n)
+def _records_csv(path: Path, f: TextIO) -> Iterator[Record]:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        raise TpasInputError("empty CSV; expected a header `query_id,gallery_id,score`", path)
+    cols = [h.strip() for h in header]
+    need = ("query_id", "gallery_id", "score")
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise TpasInputError(f"CSV header lacks {', '.join(missing)}; expected `query_id,gallery_id,score`", path)
+    qi, gi, si = (cols.index(c) for c in need)
+    for n, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(cols):
+            raise TpasInputError(f"expected {len(cols)} fields, found {len(row)}", path, f"line {n}")
+        yield n, row[qi].strip(), row[gi].strip(), _parse_score(row[si].strip(), path, n)
+
+
+def _records(path: Path, fmt: str) -> Iterator[Record]:
+    """(line, query id, gallery id, score) of a run file, streamed; bytes that are not UTF-8, or a CSV the csv
+    module rejects (a NUL byte, an over-long field), become TpasInputError naming the line reached."""
+    n = 0
+    try:
+        with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+            for n, qid, gid, score in (_records_csv if fmt == "csv" else _records_trec)(path, f):
+                yield n, qid, gid, score
+    except UnicodeDecodeError as e:
+        raise TpasInputError(f"is not UTF-8 text ({e.reason} after line {n})", path) from None
+    except csv.Error as e:
+        raise TpasInputError(f"not a readable CSV ({e})", path, f"after line {n}") from None
 
 
 def _records_ranking(path: Path, query_ids: Sequence[str] | None) -> Iterator[Record]:
     if query_ids is None:
         raise TpasInputError("a ranking file has no query ids: give the query index whose order its lines follow", path)
-    with path.open(encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise TpasInputError(f"is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != len(query_ids):
@@ -143,10 +159,7 @@ def parse_run(path: str | Path, fmt: str | None = None, query_ids: Sequence[str]
     fmt = fmt or detect_format(path)
     if fmt not in RUN_FORMATS:
         raise TpasInputError(f"unknown run format {fmt!r}; use one of {list(RUN_FORMATS)}", path)
-    if fmt == "ranking":
-        records = list(_records_ranking(path, query_ids))
-    else:
-        records = list(_records_trec(path) if fmt == "trec" else _records_csv(path))
+    records = list(_records_ranking(path, query_ids) if fmt == "ranking" else _records(path, fmt))
     if not records:
         raise TpasInputError("holds no scores", path)
     return Run(path, fmt, records)

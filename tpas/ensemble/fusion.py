@@ -15,6 +15,9 @@ of the largest term a_k * x_k, which exceeds the result when an input's shift is
 scores far from zero): 2.4e-6 for scores 0.3 +- 0.02, against 3e-7 on uniform scores.
 rrf: s = sum_k w_k / (k + rank_k), rank over each input's top-`depth` cells (1-based, stable ties); cells beyond
 that depth add nothing. Normalisation does not change ranks, so rrf ignores it.
+best-rank: s = depth + 1 - min_k rank_k, each cell scored by its best rank over the inputs (ranks as rrf's; 0 beyond
+every input's depth). Its top-(n x k) holds every input's top-k (the union candidate pool of the AICity'26 winner):
+a cell within some input's top-k scores above any that is in none. Weights and normalisation do not apply.
 """
 
 from __future__ import annotations
@@ -155,11 +158,14 @@ class FuseSpec:
                 _check_weight(v, f"fuse.weights.{n}")
         if not isinstance(self.exact, bool):
             raise TpasInputError(f"fuse.exact: must be true or false, got {self.exact!r}")
-        if self.method == "rrf":
-            if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k >= 0:
-                raise TpasInputError(f"fuse.k: must be a number >= 0, got {self.k!r}")
-            if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
-                raise TpasInputError(f"fuse.depth: must be an integer >= 1, got {self.depth!r}")
+        bad_k = isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k >= 0
+        if self.method == "rrf" and bad_k:
+            raise TpasInputError(f"fuse.k: must be a number >= 0, got {self.k!r}")
+        if self.method == "best-rank" and self.weights:
+            raise TpasInputError("fuse.weights: best-rank takes no weights (a cell's best rank over the inputs)")
+        bad_depth = isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1
+        if self.method in ("rrf", "best-rank") and bad_depth:
+            raise TpasInputError(f"fuse.depth: must be an integer >= 1, got {self.depth!r}")
 
     def weight_of(self, name: str) -> float:
         """The weight of input `name` for wsum/rrf (1.0 when not given)."""
@@ -218,6 +224,15 @@ def _rrf(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out:
         ranks = torch.arange(1, d + 1, dtype=out.dtype)
         contrib = (spec.weight_of(p.name) / (float(spec.k) + ranks)).expand(stop - start, d)
         out.scatter_add_(1, cols, contrib.contiguous())
+
+
+@register_fusion("best-rank")
+def _best_rank(inputs: Sequence[Prepared], spec: FuseSpec, start: int, stop: int, out: torch.Tensor) -> None:
+    out.zero_()
+    for p in inputs:
+        cols, d = p.raw_topk(start, stop, int(spec.depth))
+        points = float(spec.depth) + 1.0 - torch.arange(1, d + 1, dtype=out.dtype)
+        out.scatter_reduce_(1, cols, points.expand(stop - start, d).contiguous(), reduce="amax")
 
 
 def fused_dtype(inputs: Sequence[Prepared]) -> torch.dtype:
@@ -349,11 +364,13 @@ def fuse(
             "weights": _plain(spec.weights),
             **({"exact": True} if spec.exact else {}),
         },
-        "effective_weights": spec.effective_weights() if spec.method != "rrf" else {},
+        "effective_weights": spec.effective_weights() if spec.method in ("iterative", "wsum") else {},
         "normalize": {p.name: {"method": p.method, "scope": p.scope} for p in prepared},
     }
     if spec.method == "rrf":
         meta["fusion"].update({"k": float(spec.k), "depth": int(spec.depth)})
+    elif spec.method == "best-rank":
+        meta["fusion"]["depth"] = int(spec.depth)
     return SimsMatrix(ref.query_ids, ref.gallery_ids, scores=scores, source="fused", meta=meta)
 
 
