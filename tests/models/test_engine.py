@@ -569,3 +569,26 @@ def test_a_dense_matrix_that_cannot_fit_is_refused_before_encoding(
     with pytest.raises(TpasResourceError, match=r"dense ITC score matrix .* top-K"):
         infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "o.pt", num_workers=0, use_cache=False)
     assert model.image_calls == 0 and not (tmp_path / "o.pt").exists()
+
+
+def test_keep_top_equals_the_dense_paths_top_k(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import tpas.models.engine as engine
+
+    model = _clip(tiny_clip_checkpoint)
+    kw = {"batch_size": 3, "num_workers": 0, "cache_dir": tmp_path / "cache"}
+    dense = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "dense.pt", **kw)
+    want = dense.top_k(4)
+    top = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "top.pt", keep_top=4, **kw)
+    assert top.k == 4 and top.meta["keep_top"] == 4 and top.gallery_ids == dense.gallery_ids
+    assert torch.equal(top.indices, want.indices) and torch.equal(top.values, want.values)  # same blocks: same bits
+    assert torch.equal(SimsMatrix.load(tmp_path / "top.pt").indices, want.indices)
+    # Blocks of 3 images: the merge across blocks; the matmul's rounding may change with the block width.
+    monkeypatch.setattr(engine, "_SIM_BLOCK_ELEMS", 5 * 3)
+    small = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "small.pt", keep_top=4, **kw)
+    assert torch.equal(small.indices, want.indices)
+    torch.testing.assert_close(small.values, want.values, atol=1e-6, rtol=0)
+    with pytest.raises(TpasInputError, match="--keep-top must be >= 1"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=0, **kw)
+    with pytest.raises(TpasInputError, match="--keep-top cannot be combined with --rerank-k"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=4, rerank_k=2, **kw)

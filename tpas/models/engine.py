@@ -39,6 +39,7 @@ from ..errors import TpasInputError
 from ..resources import check_dense_fits, out_of_memory_hint
 from ..runtime import Autocast, Distributed, distributed, precision_policy, resolve_device
 from ..sims import SimsMatrix
+from ..topk import topk_similarity
 from .base import Features, RetrievalModel
 from .cache import FeatureStore, cached_sha256, default_cache_dir, item_key
 from .rerank import Reranked, load_candidates, rerank_topk, to_device
@@ -188,6 +189,7 @@ def infer(
     pose_dir: str | Path | None = None,
     rerank_k: int | None = None,
     candidates: str | Path | SimsMatrix | None = None,
+    keep_top: int | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     device: str = "auto",
@@ -207,6 +209,8 @@ def infer(
         pose_dir: pose maps (same relative paths as the images) for pose-aware models (`model.needs_pose`).
         rerank_k: re-rank each query's top-k with the model's matching head.
         candidates: take each query's top-k from this matrix (another model's) instead of the model's own ITC.
+        keep_top: write each query's top-K only (`tpas.topk`: gallery blocks, never the dense [Q, G]; exactly the
+            dense matrix's top-K under the stable tie rule). Not combined with `rerank_k` yet.
         batch_size: images / captions / (query, image) pairs per forward pass.
         num_workers: DataLoader worker processes for decoding (None: `default_num_workers()`; 0: in-process).
         device: "auto", "cpu", "cuda", "cuda:N" (`tpas.runtime.resolve_device`).
@@ -226,7 +230,7 @@ def infer(
                                   cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
                                   progress=progress)  # fmt: skip
     out = Path(out)
-    _check_arguments(model, out, batch_size, rerank_k, candidates, pose_dir)
+    _check_arguments(model, out, batch_size, rerank_k, candidates, pose_dir, keep_top)
     num_workers = default_num_workers() if num_workers is None else num_workers
     gallery = list_gallery(images_dir)
     qs = list(queries) if not isinstance(queries, (str, Path)) else read_queries(queries)
@@ -237,7 +241,8 @@ def infer(
     cand = load_candidates(candidates, query_ids, gallery_ids, rerank_k) if candidates is not None else None
     dev = resolve_device(device)
     amp = precision_policy(dev, precision)
-    check_dense_fits(len(qs), len(gallery), what="ITC score matrix")
+    if keep_top is None:
+        check_dense_fits(len(qs), len(gallery), what="ITC score matrix")
 
     with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
         run = _Run(model, dev, amp.autocast, batch_size, progress, dist)
@@ -256,9 +261,11 @@ def infer(
                 raise TpasInputError("no gallery image could be read", images_dir)
             q_rows = dist.shard(len(qs))
             first = None if cand is None else cand[q_rows.start : q_rows.stop]
-            shard = _score_queries(run, store, keys, good, [qs[i].caption for i in q_rows], rerank_k, first)
+            shard = _score_queries(run, store, keys, good, [qs[i].caption for i in q_rows], rerank_k, first, keep_top)
             parts = dist.all_gather(shard)
             meta = _meta(model, sha, precision, dev, images_dir, queries, gallery, skipped, dist.world)
+            if keep_top is not None:
+                meta["keep_top"] = keep_top
             if rerank_k is not None:
                 meta.update(rerank_k=rerank_k, itc_file=itc_path_for(out).name)
                 if candidates is not None:
@@ -305,10 +312,16 @@ def _check_arguments(
     rerank_k: int | None,
     candidates: object,
     pose_dir: str | Path | None,
+    keep_top: int | None = None,
 ) -> None:
     """Refuse option combinations that cannot run, before any work."""
     if out.is_dir():
         raise TpasInputError("--out must be a file path, not a folder", out)
+    if keep_top is not None:
+        if keep_top < 1:
+            raise TpasInputError(f"--keep-top must be >= 1, got {keep_top}")
+        if rerank_k is not None:
+            raise TpasInputError("--keep-top cannot be combined with --rerank-k yet (the re-rank needs dense ITC)")
     if batch_size < 1:
         raise TpasInputError(f"--batch-size must be >= 1, got {batch_size}")
     if rerank_k is not None:
@@ -497,6 +510,17 @@ def similarity_matrix(
     return torch.cat(cols, dim=1) if cols else torch.empty(text.shape[0], 0)
 
 
+def top_similarity(
+    model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's top-k of `similarity_matrix` (same blocks, same values) without holding [Q, G] (`tpas.topk`)."""
+    tokens = image[0].numel() // image.shape[-1] if len(image) else 1
+    block = max(1, _SIM_BLOCK_ELEMS // (max(1, tokens) * max(1, text.shape[0])))
+    t = text.to(dev)
+    with torch.inference_mode():
+        return topk_similarity(t, image, k, lambda q, g: model.similarity(q, g.to(dev)).float().cpu(), block)
+
+
 def _fill_columns(scores: torch.Tensor, cols: list[int], n: int) -> torch.Tensor:
     """Place [Q, len(cols)] scores at columns `cols` of a [Q, n] matrix; other columns get each row's minimum."""
     if len(cols) == n:
@@ -515,11 +539,16 @@ def _score_queries(
     captions: list[str],
     rerank_k: int | None,
     first: torch.Tensor | None,
-) -> tuple[torch.Tensor, Reranked | None]:
-    """This rank's ITC rows [q, G] and, with `rerank_k`, their re-rank (of `first` when given, else of the ITC)."""
+    keep_top: int | None = None,
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], Reranked | None]:
+    """This rank's ITC rows [q, G] (with `keep_top`: their top-K (indices, values)) and, with `rerank_k`, their
+    re-rank (of `first` when given, else of the ITC)."""
     n = len(keys)
     image_embed = store.load([keys[i] for i in good], names=["embed"])["embed"]
     text = encode_texts(run.model, captions, run.dev, run.autocast, run.batch_size, run.progress)
+    if keep_top is not None:
+        idx, vals = top_similarity(run.model, text["embed"], image_embed, run.dev, keep_top)
+        return (torch.tensor(good, dtype=torch.long)[idx], vals), None  # unreadable images are simply not kept
     itc = _fill_columns(similarity_matrix(run.model, text["embed"], image_embed, run.dev), good, n)
     if rerank_k is None:
         return itc, None
@@ -550,9 +579,12 @@ def _matrices(
     meta: dict[str, Any],
 ) -> tuple[SimsMatrix, SimsMatrix | None, SimsMatrix | None]:
     """(result, itc, raw itm) from every rank's rows: the ITC matrix alone, or the re-ranked one with both others."""
-    itc_all = torch.cat([p[0] for p in parts])
     base = {k: v for k, v in meta.items() if k not in ("rerank_k", "itc_file", "candidates")}
     itc_source = f"{model.family}-itc" if model.has_match_head else model.family
+    if isinstance(parts[0][0], tuple):  # keep_top: each rank's (indices, values)
+        form = {"indices": torch.cat([p[0][0] for p in parts]), "values": torch.cat([p[0][1] for p in parts])}
+        return SimsMatrix(query_ids, gallery_ids, **form, source=itc_source, meta=base), None, None
+    itc_all = torch.cat([p[0] for p in parts])
     itc_m = SimsMatrix(query_ids, gallery_ids, scores=itc_all, source=itc_source, meta=base)
     if "rerank_k" not in meta:
         return itc_m, None, None
