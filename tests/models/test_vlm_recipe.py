@@ -17,10 +17,7 @@ K = 3
 
 
 def test_recipe_2026_runs_end_to_end(tpas, vlm_dirs, tmp_path, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.chdir(tmp_path)  # the packaged preset reads ./sims_score/
-    # A preset's relative paths resolve from ./configs/ensemble/, which the OS needs to exist to walk "../.." (true
-    # in a checkout, where the README runs the recipe).
-    Path("configs/ensemble").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the packaged preset reads ./sims_score/ (no configs/ folder needed here)
     code, _, err = tpas("synth", "--out", "pab", "--identities", 2, "--val-identities", 1, "--test-identities", 3,
                         "--distractors", 6, "--train-files", 1)  # fmt: skip
     assert code == 0, err

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..errors import TpasInputError
-from ..io import apply_overrides, find_config, read_yaml
+from ..io import apply_overrides, find_config, read_yaml, resolve_against
 from .fusion import FuseSpec
 from .normalize import check_method
 from .post import get_post_step
@@ -122,7 +122,7 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         if not v.get("path"):
             raise TpasInputError(f"{key}.path: missing file path")
         p = Path(str(v["path"]))
-        p = p if p.is_absolute() else base_dir / p
+        p = resolve_against(p, base_dir)
         fmt = v.get("format")
         if fmt is None:
             suffix = p.suffix.lower()
