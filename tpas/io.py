@@ -259,3 +259,12 @@ def read_config(
 ) -> dict[str, Any]:
     """A config file or packaged preset as a mapping, `--set` overrides applied (`expected`: as for `read_yaml`)."""
     return apply_overrides(read_yaml(find_config(name_or_path, kind), expected), overrides)
+
+
+def resolve_against(path: str | Path, base_dir: Path | None) -> Path:
+    """`path` itself when absolute (or without a base), else `base_dir / path` normalised lexically: a packaged preset's
+    `../../sims_score/x.pt` must mean `sims_score/x.pt` even where its notional folder does not exist."""
+    path = Path(path)
+    if path.is_absolute() or base_dir is None:
+        return path
+    return Path(os.path.normpath(base_dir / path))

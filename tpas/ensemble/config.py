@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import TpasInputError
-from ..io import apply_overrides, find_config, read_yaml
+from ..io import apply_overrides, find_config, read_yaml, resolve_against
 from .external import RUN_FORMATS, detect_format
 from .fusion import FuseSpec
 from .normalize import check_method
@@ -126,7 +126,7 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         if not v.get("path"):
             raise TpasInputError(f"{key}.path: missing file path")
         p = Path(str(v["path"]))
-        p = p if p.is_absolute() else base_dir / p
+        p = resolve_against(p, base_dir)
         fmt = v.get("format") or detect_format(p)
         if fmt not in INPUT_FORMATS:
             raise TpasInputError(f"{key}.format: {fmt!r} is not one of {list(INPUT_FORMATS)}")
@@ -184,8 +184,7 @@ def _ids(v: Any, base_dir: Path) -> dict[str, Path]:
     for k, p in v.items():
         if not p:
             raise TpasInputError(f"ids.{k}: missing file path")
-        p = Path(str(p))
-        out[k] = p if p.is_absolute() else base_dir / p
+        out[k] = resolve_against(Path(str(p)), base_dir)
     return out
 
 

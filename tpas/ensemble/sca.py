@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from ..errors import TpasInputError
+from ..io import resolve_against
 from ..sims import SimsMatrix
 from .parallel import map_row_ranges
 from .reorder import move_to_front, ranked_scores, top1_collisions, top_candidates, with_post_step
@@ -56,7 +57,7 @@ def validate(params: dict[str, Any] | None, key: str, base_dir: Path | None = No
     for k in ("text_features", "captions"):
         if p[k] is not None:
             path = Path(str(p[k]))
-            p[k] = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+            p[k] = str(resolve_against(path, base_dir))
     if p["text_sim_min"] is not None and p["text_features"] is None and p["captions"] is None:
         raise TpasInputError(f"{key}.text_sim_min: the text gate needs `text_features` or `captions`")
     return p
