@@ -592,3 +592,19 @@ def test_keep_top_equals_the_dense_paths_top_k(tiny_gallery: TinyGallery, tiny_c
         infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=0, **kw)
     with pytest.raises(TpasInputError, match="--keep-top cannot be combined with --rerank-k"):
         infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=4, rerank_k=2, **kw)
+
+
+def test_cli_keep_top_equals_the_dense_runs_top_k(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    dense = infer(_clip(tiny_clip_checkpoint), tiny_gallery.images, tiny_gallery.queries, tmp_path / "dense.pt",
+                  num_workers=0, use_cache=False)  # fmt: skip
+    out = tmp_path / "top.pt"
+    with pytest.raises(SystemExit) as e:
+        main(["infer", "clip", "--images", str(tiny_gallery.images), "--queries", str(tiny_gallery.queries),
+              "--checkpoint", str(tiny_clip_checkpoint), "--out", str(out), "--workers", "0", "--no-cache",
+              "--keep-top", "3"])  # fmt: skip
+    assert e.value.code == 0
+    top = SimsMatrix.load(out)
+    want = dense.top_k(3)
+    assert top.k == 3 and torch.equal(top.indices, want.indices)
+    torch.testing.assert_close(top.values, want.values, atol=1e-6, rtol=0)
