@@ -24,8 +24,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/tpas demo
 
-test: setup
-	$(VENV)/bin/ruff check tpas tests benchmarks
+test: lint
 	$(PY) -m pytest
 
 lint: setup
