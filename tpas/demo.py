@@ -3,7 +3,7 @@
 Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
 
 1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
-2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_tiny`) with different seeds, trained
+2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_demo`) with different seeds, trained
                          at once in two processes, so the ensemble has two independently trained models to fuse;
 3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
                          and the name-masked test set;
@@ -46,14 +46,14 @@ from .sims import SimsMatrix
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
 BASELINE = "scene only (baseline)"  # the table's row of `scene_baseline`
-TRAIN_PRESET = "cmp_tiny"  # the packaged configs/train/cmp_tiny.yaml (`tpas train cmp --config cmp_tiny`)
+TRAIN_PRESET = "cmp_demo"  # the packaged configs/train/cmp_demo.yaml (`tpas train cmp --config cmp_demo`)
 STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class DemoModel:
-    """One model the demo trains: a name and its `--set` overrides of the `cmp_tiny` preset."""
+    """One model the demo trains: a name and its `--set` overrides of the `cmp_demo` preset."""
 
     name: str
     overrides: tuple[str, ...]
@@ -88,11 +88,11 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         identities=200,
         val_identities=60,
-        test_identities=50,
+        test_identities=100,
         distractors=100,
         width=64,
         height=128,
-        train_steps=200,
+        train_steps=300,
         batch_size=24,
         rerank_k=16,
         folds=3,
