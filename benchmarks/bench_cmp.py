@@ -2,7 +2,7 @@
 
 The seed approach (CMP's eval.py `evaluation_itm`) runs the cross encoder once per query on that query's top-k
 (batch = k), fills the rest of a 1000.0-initialised matrix row by row, then min-max normalises. tpas's engine
-(`tpas.models.engine._rerank`) gathers all (query, image) pairs of the top-k, orders them by image, runs them in
+(`tpas.models.rerank.rerank_topk`) gathers all (query, image) pairs of the top-k, orders them by image, runs them in
 fixed-size batches across queries, and fills with one scatter; `CMP.finalize_rerank` applies the same final rule.
 Both run the same model on the same features; the script checks their final matrices agree, then prints the ratio.
 
@@ -12,24 +12,12 @@ Run: .venv/bin/python benchmarks/bench_cmp.py [--queries 128 --gallery 256 --k 1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
 
-import tpas.models  # noqa: F401  (torchvision workaround first)
 from tpas.models.cmp import CMP, CMPConfig
-from tpas.models.engine import _rerank
-
-
-class MemoryStore:
-    """The engine's feature-store interface over in-memory image tokens."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        self.tokens = tokens
-
-    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens[[int(k) for k in keys]]}
+from tpas.models.rerank import in_memory, rerank_topk
 
 
 def small_config() -> CMPConfig:
@@ -92,9 +80,9 @@ def main() -> None:
     t_ref = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    reranked = _rerank(model, MemoryStore(img_tokens), [str(i) for i in range(g)], text, itc, k, torch.device("cpu"),
-                       contextlib.nullcontext(), args.batch, None)  # fmt: skip
-    ours = model.finalize_rerank(reranked, itc)
+    reranked = rerank_topk(model, in_memory({"tokens": img_tokens}), text, itc, k, torch.device("cpu"),
+                           batch_size=args.batch)  # fmt: skip
+    ours = model.finalize_rerank(reranked.filled, itc)
     t_ours = time.perf_counter() - t0
 
     # Same top-k sets (same ITC); scores agree to float rounding (tpas drops trailing [PAD] positions).

@@ -8,8 +8,12 @@ workers), prompts are tokenized once per query, pairs are spliced and scored in 
 last position's logits computed (a cold run with `use_cache=False`). Both score the same pairs; the benchmark checks
 that their scores agree to 1e-4.
 
+`--modes pointwise,pairwise,cloze` also times the re-ranking modes of part II on the same candidates (tpas only, cold):
+model calls per query (pointwise K forward passes, pairwise 2 x (K - 1) two-image passes, cloze K generations of
+`--max-new-tokens` tokens) and calls/s.
+
 Run: .venv/bin/python benchmarks/bench_vlm.py [--queries 64] [--top 16] [--images 256] [--batch-size 32] [--workers 1]
-    [--repeat 1]
+    [--repeat 1] [--modes public] [--max-new-tokens 16]
 """
 
 from __future__ import annotations
@@ -84,6 +88,29 @@ def public_scores(folder: Path, gallery: Path, queries: Path, cand: Path, top: i
     return out, time.perf_counter() - t0
 
 
+def time_modes(folder: Path, root: Path, args: argparse.Namespace, gallery: Path, queries: Path, cand: Path) -> None:
+    """Cold tpas runs of each score mode over the same candidates: calls per query, calls/s, seconds per query."""
+    modes = [m for m in args.modes.split(",") if m != "public"]
+    print(f"score modes, {args.queries} queries x top-{args.top}, batch {args.batch_size}, {args.workers} workers:")
+    for mode in modes:
+        options = {"pointwise": {}, "pairwise": {"score": "pairwise"},
+                   "cloze": {"score": "cloze", "max_new_tokens": args.max_new_tokens}}[mode]  # fmt: skip
+        model = VLMReranker.from_checkpoint(folder, **options)
+        model.network(torch.device("cpu"), torch.float32)
+        t0 = time.perf_counter()
+        got = infer(model, gallery, queries, root / f"{mode}.pt", rerank_k=args.top, candidates=cand,
+                    batch_size=args.batch_size, num_workers=args.workers, device="cpu", use_cache=False)  # fmt: skip
+        t = time.perf_counter() - t0
+        if mode == "pairwise":
+            calls = got.meta["pairwise"]["calls"]
+        elif mode == "cloze":
+            calls = got.meta["cloze"]["generations"]
+        else:
+            calls = args.queries * args.top
+        print(f"  {mode:9s}: {calls / args.queries:5.1f} calls/query  {calls:6d} calls  {t:7.2f} s  "
+              f"{calls / t:7.1f} calls/s  {t / args.queries:6.3f} s/query")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=64)
@@ -92,6 +119,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="Alternate the runs this often; report each one's best.")
+    ap.add_argument("--modes", default="public", help="public (the comparison above) and/or pointwise,pairwise,cloze")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="Tokens per cloze answer.")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +129,10 @@ def main() -> None:
         pairs = args.queries * args.top
         with quiet_transformers():
             folder = build_qwen2_vl(root / "qwen2_vl")
+        if args.modes != "public":
+            time_modes(folder, root, args, gallery, queries, cand)
+        if "public" not in args.modes.split(","):
+            return
         model = VLMReranker.from_checkpoint(folder)
         model.network(torch.device("cpu"), torch.float32)  # weights loaded before timing, as on the public side
         t_public, results = float("inf"), {}

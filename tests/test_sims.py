@@ -10,7 +10,7 @@ import torch
 
 import tpas.sims as sims_mod
 from tpas.errors import TpasInputError
-from tpas.sims import FORMAT, SimsMatrix
+from tpas.sims import FORMAT, FORMAT_V1, SimsMatrix, pack_ids, unpack_ids
 
 
 def dense(q: int = 3, g: int = 5, seed: int = 0) -> SimsMatrix:
@@ -142,6 +142,83 @@ def test_save_load_round_trip_dense_and_top_k(tmp_path):
     assert torch.equal(t.indices, m.top_k(2).indices) and t.scores is None
 
 
+def test_v2_file_packs_ids_into_tensors_and_round_trips_any_unicode(tmp_path):
+    qids = ["0012", "é:0", "日本", ""]
+    m = SimsMatrix(qids, ["a", "b\x00c", "ß"], scores=torch.rand(4, 3))
+    raw = torch.load(m.save(tmp_path / "m.pt"), weights_only=True)
+    assert raw["format"] == FORMAT == "tpas-sims/2"
+    assert raw["query_ids"]["utf8"].dtype == torch.uint8 and raw["query_ids"]["offsets"].tolist() == [0, 4, 8, 14, 14]
+    back = SimsMatrix.load(tmp_path / "m.pt")
+    assert back.query_ids == qids and back.gallery_ids == ["a", "b\x00c", "ß"]
+    assert unpack_ids(pack_ids([])) == []
+
+
+def test_v1_files_still_load_dense_and_top_k(tmp_path):
+    scores = torch.rand(2, 3)
+    torch.save({"format": FORMAT_V1, "query_ids": ["a", "b"], "gallery_ids": ["x", "y", "z"], "scores": scores,
+                "source": "old", "meta": {"k": 1}}, tmp_path / "v1.pt")  # fmt: skip
+    m = SimsMatrix.load(tmp_path / "v1.pt")
+    assert m.query_ids == ["a", "b"] and torch.equal(m.scores, scores) and m.source == "old" and m.meta == {"k": 1}
+    torch.save({"format": FORMAT_V1, "query_ids": ["a"], "gallery_ids": ["x", "y"], "indices": torch.tensor([[1]]),
+                "values": torch.tensor([[0.5]]), "source": "", "meta": {}}, tmp_path / "v1k.pt")  # fmt: skip
+    t = SimsMatrix.load(tmp_path / "v1k.pt")
+    assert t.k == 1 and t.indices.tolist() == [[1]]
+    # torch's pre-1.6 (non-zip) serialization cannot be memory-mapped: read normally
+    old = {"format": FORMAT_V1, "query_ids": ["a"], "gallery_ids": ["x"], "scores": torch.ones(1, 1), "source": ""}
+    torch.save(old, tmp_path / "legacy_zip.pt", _use_new_zipfile_serialization=False)
+    assert SimsMatrix.load(tmp_path / "legacy_zip.pt").scores.tolist() == [[1.0]]
+
+
+def test_load_memory_maps_the_file(tmp_path, monkeypatch):
+    path = dense().save(tmp_path / "m.pt")
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(sims_mod.torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    SimsMatrix.load(path)
+    assert seen[0]["mmap"] is True and seen[0]["weights_only"] is True
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ({"utf8": torch.tensor([97], dtype=torch.uint8)}, "list of str or"),
+        ({"utf8": torch.tensor([97.0]), "offsets": torch.tensor([0, 1])}, "utf8 must be a 1-D uint8"),
+        ({"utf8": torch.tensor([97], dtype=torch.uint8), "offsets": torch.tensor([0, 1], dtype=torch.int32)},
+         "offsets must be a 1-D int64"),
+        ({"utf8": torch.tensor([97, 98], dtype=torch.uint8), "offsets": torch.tensor([0, 3])}, "rise from 0 to"),
+        ({"utf8": torch.tensor([97, 98], dtype=torch.uint8), "offsets": torch.tensor([0, 2, 1, 2])}, "rise from 0"),
+        ({"utf8": torch.tensor([255], dtype=torch.uint8), "offsets": torch.tensor([0, 1])}, "not valid UTF-8"),
+        ({"utf8": torch.tensor([195, 169], dtype=torch.uint8), "offsets": torch.tensor([0, 1, 2])}, "not valid UTF-8"),
+    ],
+)  # fmt: skip
+def test_malformed_packed_ids_are_refused(tmp_path, ids, message):
+    n = 2 if len(ids.get("offsets", [0, 0])) == 3 else 1
+    torch.save({"format": FORMAT, "query_ids": ids, "gallery_ids": pack_ids(["x"]), "scores": torch.zeros(n, 1),
+                "source": "", "meta": {}}, tmp_path / "bad.pt")  # fmt: skip
+    with pytest.raises(TpasInputError, match=rf"bad.pt: malformed tpas-sims/2 file \(query_ids.*{message}"):
+        SimsMatrix.load(tmp_path / "bad.pt")
+
+
+def test_fp16_storage_halves_the_file_and_its_ties_keep_gallery_order(tmp_path):
+    # 0.3 and 0.30001 are distinct in float32 and equal in float16: the tie then goes to the lower gallery column.
+    scores = torch.tensor([[0.3, 0.30001, 0.1], [0.2, 0.7, 0.70002]])
+    m = SimsMatrix(["a", "b"], ["x", "y", "z"], scores=scores)
+    assert m.top_k(1).indices.tolist() == [[1], [2]]
+    half = SimsMatrix.load(m.save(tmp_path / "h.pt", dtype="fp16"))
+    assert half.scores.dtype == torch.float16 and half.scores[0, 0] == half.scores[0, 1]
+    assert half.top_k(1).indices.tolist() == [[0], [1]]
+    big = SimsMatrix([str(i) for i in range(64)], [str(i) for i in range(4096)], scores=torch.rand(64, 4096))
+    size32 = big.save(tmp_path / "f32.pt").stat().st_size
+    assert big.save(tmp_path / "f16.pt", dtype=torch.float16).stat().st_size < 0.6 * size32
+    t = SimsMatrix.load(m.top_k(2).save(tmp_path / "t16.pt", dtype="fp16"))
+    assert t.values.dtype == torch.float16 and t.indices.dtype == torch.long
+    with pytest.raises(TpasInputError, match=r"beyond \+-65504 cannot be stored as fp16"):
+        SimsMatrix(["a"], ["x"], scores=torch.tensor([[1e5]])).save(tmp_path / "over.pt", dtype="fp16")
+    with pytest.raises(ValueError, match=r"one of \['fp32', 'fp16'\]"):
+        m.save(tmp_path / "x.pt", dtype="int8")
+    assert not (tmp_path / "over.pt").exists() and not (tmp_path / "x.pt").exists()
+
+
 def test_saved_slice_does_not_carry_the_parent_storage(tmp_path):
     big = torch.rand(200, 500)
     m = SimsMatrix(["a"], [str(i) for i in range(500)], scores=big[:1])
@@ -155,8 +232,7 @@ def test_atomic_save_leaves_previous_file_and_no_temp_on_failure(tmp_path, monke
     before = path.read_bytes()
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")  # SimsMatrix.save hands torch.save an open file (see sims.torch_save)
         raise OSError("disk full")
 
     monkeypatch.setattr(sims_mod.torch, "save", broken_save)

@@ -51,3 +51,21 @@ class TpasRunError(TpasError):
 
     def __str__(self) -> str:
         return self.message if self.log is None else f"{self.message} (log: {self.log})"
+
+
+class TpasResourceError(TpasError):
+    """The machine cannot do what was asked as asked (a matrix too large for its memory): the message says the size
+    and what to change."""
+
+
+def training_diverged(step: int, losses: dict[str, float], last_checkpoint: str | Path | None) -> TpasRunError:
+    """The error that stops a training run whose loss became non-finite: the step, the bad losses, where to resume."""
+    bad = ", ".join(f"{k}={v}" for k, v in losses.items() if v != v or v in (float("inf"), float("-inf")))
+    if last_checkpoint is None:
+        resume = "no checkpoint was written yet; lower the learning rate (--set optim.lr=...) and start again"
+    else:
+        resume = (
+            f"the last good checkpoint is {last_checkpoint}; lower the learning rate (--set optim.lr=...) and "
+            "continue from it with --resume"
+        )
+    return TpasRunError(f"training diverged at step {step}: non-finite loss ({bad or 'unknown'}); {resume}")

@@ -7,6 +7,7 @@ the package `tpas.configs`, so every command can take a preset by name (`--confi
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -24,18 +25,108 @@ _PACKAGE = Path(__file__).resolve().parent
 
 # ------------------------------------------------------------------------------------------------ atomic writes
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place (no half-written files)."""
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place (no half-written files).
+
+    A failed write removes its temp file and raises the OSError naming `path` (not the temp file). The temp file is
+    named `.<name>.<pid>@<host>.<random>.tmp`, so one left by a writer killed hard (SIGKILL, a lost node) is removed
+    by the next write into the same folder from this host, once that pid is gone.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temps(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the mode open() would give it
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error about `path` (the CLI prints its filename): the temp file's name would only confuse."""
+    return e if e.errno is None else type(e)(e.errno, e.strerror, str(path))
+
+
+_HOST = os.uname().nodename.replace("/", "_")[:32]  # short enough to keep temp names within NAME_MAX
+# mkstemp's random part is 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>.+)\.[a-z0-9_]{8}\.tmp$")
+_swept: set[Path] = set()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
+def _remove_dead_temps(folder: Path) -> None:
+    """Remove temp files of atomic writes into `folder` whose writer (on this host) no longer runs; once per folder
+    and process, so a folder with many files is listed once, not at every write."""
+    folder = folder.resolve()
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    for entry in os.scandir(folder):
+        m = _TEMP_NAME.match(entry.name)
+        if m and m["host"] == _HOST and not process_exists(int(m["pid"])):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id runs on this host (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports one as a RuntimeError
+    ("unexpected pos ...") that no longer says the disk was full."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)`; a write the file system refuses (disk full, file size limit) raises its OSError."""
+    import torch  # here, not at the top: `tpas --help` and the YAML readers need no torch
+
+    with open(path, "wb") as f:
+        out = _WriteRecorder(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
 
 
 # ------------------------------------------------------------------------------------------------ YAML
@@ -52,7 +143,12 @@ def read_yaml(path: str | Path, expected: str = "a YAML mapping") -> dict[str, A
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else None
-        raise TpasInputError(f"not valid YAML ({getattr(e, 'problem', None) or e})", path, where) from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # some YAML errors span several lines
+        raise TpasInputError(f"not valid YAML ({problem})", path, where) from None
+    except UnicodeDecodeError as e:
+        raise TpasInputError(f"is not UTF-8 text (byte {e.start})", path) from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise TpasInputError("not valid YAML (nested too deeply)", path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -69,7 +165,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as e:
-        raise TpasInputError(f"--set {key}: value {value!r} is not valid YAML ({e.problem})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # a ReaderError has no .problem
+        raise TpasInputError(f"--set {key}: value {value!r} is not valid YAML ({problem})") from None
     return key, parsed
 
 
@@ -162,3 +259,12 @@ def read_config(
 ) -> dict[str, Any]:
     """A config file or packaged preset as a mapping, `--set` overrides applied (`expected`: as for `read_yaml`)."""
     return apply_overrides(read_yaml(find_config(name_or_path, kind), expected), overrides)
+
+
+def resolve_against(path: str | Path, base_dir: Path | None) -> Path:
+    """`path` itself when absolute (or without a base), else `base_dir / path` normalised lexically: a packaged preset's
+    `../../sims_score/x.pt` must mean `sims_score/x.pt` even where its notional folder does not exist."""
+    path = Path(path)
+    if path.is_absolute() or base_dir is None:
+        return path
+    return Path(os.path.normpath(base_dir / path))

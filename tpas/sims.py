@@ -2,15 +2,23 @@
 
 It is the one artefact that flows between stages (models -> ensemble -> submit/scoring). On disk it is
 `torch.save` of one plain dict, read back with `weights_only=True`, so opening a file never runs code.
+
+File format `tpas-sims/2` (what `save` writes): each id list is packed into two tensors, `{"utf8": uint8 [n bytes],
+"offsets": int64 [N + 1]}` (id i is bytes offsets[i]:offsets[i+1]), so loading 38k ids costs one decode instead of
+38k strings through the pure-Python safe unpickler; scores are memory-mapped on load (`mmap=True`: pages are read
+when first touched, and validation touches each once). `tpas-sims/1` files (ids as lists of str) still load.
+Scores may be stored as float16 (`save(dtype="fp16")`, half the file): see `save` for what rounding does to ties.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import pickle
 import re
 import weakref
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +29,14 @@ import torch
 
 from . import __version__
 from .errors import TpasInputError
-from .io import atomic_write
+from .io import atomic_write, torch_save
 
-FORMAT = "tpas-sims/1"
+FORMAT = "tpas-sims/2"
+"""The format `save` writes."""
+FORMAT_V1 = "tpas-sims/1"
+READ_FORMATS = (FORMAT, FORMAT_V1)
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+"""Score storage types of `save(dtype=...)` by their CLI names."""
 
 
 def _first_duplicate(ids: Sequence[str]) -> str | None:
@@ -277,34 +290,44 @@ class SimsMatrix:
         return SimsMatrix(qs, gs, indices=indices, values=values, source=self.source, meta=dict(self.meta))
 
     # ------------------------------------------------------------------ files
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+        """The `tpas-sims/2` dict that `save` writes (ids packed, scores optionally cast to `dtype`)."""
         d: dict[str, Any] = {
             "format": FORMAT,
-            "query_ids": list(self.query_ids),
-            "gallery_ids": list(self.gallery_ids),
+            "query_ids": pack_ids(self.query_ids),
+            "gallery_ids": pack_ids(self.gallery_ids),
             "source": self.source,
             "meta": self.meta,
         }
+        cast = _storage_dtype(dtype)
         if self.scores is not None:
-            d["scores"] = _compact(self.scores)
+            d["scores"] = _compact(_cast_scores(self.scores, cast))
         else:
             d["indices"] = _compact(self.indices)
-            d["values"] = _compact(self.values)
+            d["values"] = _compact(_cast_scores(self.values, cast))
         return d
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file + rename); adds tool version and creation time to meta."""
+    def save(self, path: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+        """Write atomically (temp file + rename); adds tool version and creation time to meta.
+
+        `dtype` ("fp32" | "fp16" or a torch dtype; default: as held) is the score storage type. float16 keeps 11
+        significant bits: scores closer than about 1/2048 of their magnitude (2.4e-4 for cosines near 0.3) become
+        equal, and the stable tie rule then orders them by gallery column, so rankings, metrics and ranking files made
+        from an fp16 file can differ from the float32 matrix's wherever scores were that close. Values beyond
+        +-65504 are refused (they would become inf).
+        """
         self.meta.setdefault("tool_version", __version__)
         self.meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self.validate()
-        data = self.to_dict()
-        return atomic_write(path, lambda tmp: torch.save(data, tmp))
+        data = self.to_dict(dtype)
+        return atomic_write(path, lambda tmp: torch_save(data, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> SimsMatrix:
-        """Read a tpas-sims file safely; TpasInputError for missing, foreign, unsafe or malformed files."""
-        obj = _safe_torch_load(path)
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        """Read a tpas-sims file (format 2 or 1) safely; TpasInputError for missing, foreign, unsafe or malformed
+        files. Scores are memory-mapped from the file; validation reads them once."""
+        obj = _safe_torch_load(path, mmap=True)
+        if not isinstance(obj, dict) or obj.get("format") not in READ_FORMATS:
             if isinstance(obj, torch.Tensor):
                 raise TpasInputError(
                     "is a bare tensor without ids (a legacy matrix); import it with "
@@ -316,8 +339,8 @@ class SimsMatrix:
             raise TpasInputError(f"malformed {FORMAT} file (meta must be a dict)", path)
         try:
             m = cls(
-                query_ids=list(obj["query_ids"]),
-                gallery_ids=list(obj["gallery_ids"]),
+                query_ids=unpack_ids(obj["query_ids"], "query_ids"),
+                gallery_ids=unpack_ids(obj["gallery_ids"], "gallery_ids"),
                 scores=obj.get("scores"),
                 indices=obj.get("indices"),
                 values=obj.get("values"),
@@ -326,8 +349,8 @@ class SimsMatrix:
             )
         except TpasInputError as e:
             raise TpasInputError(e.message, path) from None
-        except (KeyError, TypeError, AttributeError) as e:
-            raise TpasInputError(f"malformed {FORMAT} file ({e})", path) from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise TpasInputError(f"malformed {obj['format']} file ({e})", path) from None
         return m
 
     @classmethod
@@ -383,12 +406,63 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _safe_torch_load(path: str | Path) -> Any:
+def pack_ids(ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Ids as two tensors: their UTF-8 bytes end to end and the N + 1 byte offsets that split them."""
+    encoded = [i.encode("utf-8") for i in ids]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()  # a writable copy: torch wants one
+    return {"utf8": torch.from_numpy(blob), "offsets": torch.from_numpy(offsets)}
+
+
+def unpack_ids(packed: Any, key: str = "ids") -> list[str]:
+    """The id list of `pack_ids` (or a plain list of str, the `tpas-sims/1` form); ValueError when malformed."""
+    if isinstance(packed, (list, tuple)):
+        return list(packed)
+    if not isinstance(packed, dict) or set(packed) != {"utf8", "offsets"}:
+        raise ValueError(f"{key} must be a list of str or {{'utf8', 'offsets'}} tensors")
+    blob, offsets = packed["utf8"], packed["offsets"]
+    if not (isinstance(blob, torch.Tensor) and blob.dtype == torch.uint8 and blob.ndim == 1):
+        raise ValueError(f"{key}.utf8 must be a 1-D uint8 tensor")
+    if not (isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64 and offsets.ndim == 1):
+        raise ValueError(f"{key}.offsets must be a 1-D int64 tensor")
+    if len(offsets) == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != len(blob) or bool((offsets.diff() < 0).any()):
+        raise ValueError(f"{key}.offsets must rise from 0 to the byte count {len(blob)}")
+    data = blob.numpy().tobytes()
+    bounds = offsets.tolist()
+    try:
+        text = data.decode("utf-8")
+        if len(text) == len(data):  # ASCII (every PAB id): byte offsets are character offsets
+            return [text[a:b] for a, b in itertools.pairwise(bounds)]
+        return [data[a:b].decode("utf-8") for a, b in itertools.pairwise(bounds)]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key} is not valid UTF-8 split at character boundaries ({e.reason})") from None
+
+
+def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in STORAGE_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype]
+    raise ValueError(f"score storage dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+
+
+def _cast_scores(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if out.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(out)):
+        raise TpasInputError(f"scores beyond +-{torch.finfo(torch.float16).max:.0f} cannot be stored as fp16")
+    return out
+
+
+def _safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise TpasInputError("file not found", path)
+    mmap = mmap and zipfile.is_zipfile(path)  # files in torch's pre-1.6 serialization cannot be mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None and "global" not in str(e).lower():
@@ -403,5 +477,7 @@ def _safe_torch_load(path: str | Path) -> Any:
         if "TorchScript" in str(e):
             raise TpasInputError("is a TorchScript archive, not a score file", path) from None
         raise TpasInputError(f"cannot be read as a torch file ({str(e).splitlines()[0]})", path) from None
-    except (EOFError, OSError, ValueError) as e:
-        raise TpasInputError(f"cannot be read as a torch file ({e})", path) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, ... : one line
+        raise TpasInputError(f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None

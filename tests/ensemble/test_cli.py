@@ -148,3 +148,44 @@ def test_tune_bad_options_exit_2(setup, cli):
     assert cli(*base, "--folds", "1")[0] == 2
     code, _, err = cli(*base, "--metric", "MRR")
     assert code == 2 and "unknown metric 'MRR'" in err
+
+
+def test_one_process_submission_equals_ensemble_then_submit(setup, cli):
+    tmp, cfg = setup
+    qi = tmp / "query_index.txt"
+    qi.write_text("".join(f"p{i}:0\n" for i in reversed(range(8))))
+    code, _, err = cli("ensemble", "--config", cfg, "--out", tmp / "fused.pt")
+    assert code == 0, err
+    code, _, err = cli("submit", tmp / "fused.pt", "--query-index", qi, "--out", tmp / "two" / "answer.txt", "--k", 5)
+    assert code == 0, err
+    code, _, err = cli("ensemble", "--config", cfg, "--submit", tmp / "one" / "answer.txt", "--query-index", qi,
+                         "--k", 5, "--zip")  # fmt: skip
+    assert code == 0, err
+    assert (tmp / "one" / "answer.txt").read_bytes() == (tmp / "two" / "answer.txt").read_bytes()
+    assert (tmp / "one" / "answer.zip").is_file() and not list((tmp / "one").glob("*.pt"))
+    code, _, err = cli("ensemble", "--config", cfg, "--submit", tmp / "x.txt")
+    assert code == 2 and "--submit needs --query-index" in err
+    code, _, err = cli("ensemble", "--config", cfg)
+    assert code == 2 and "nothing to write" in err
+
+
+def test_import_run_and_a_run_only_ensemble(setup, cli):
+    tmp, _ = setup
+    qi = tmp / "query_index.txt"
+    qi.write_text("".join(f"p{i}:0\n" for i in range(8)))
+    for name, shift in (("r1", 0), ("r2", 1)):
+        lines = [
+            f"p{i}:0 Q0 {(i + shift + j) % 12} {j + 1} {1.0 - j / 10:.2f} {name}\n" for i in range(8) for j in range(4)
+        ]
+        (tmp / f"{name}.trec").write_text("".join(lines))
+    code, _, err = cli("import-run", tmp / "r1.trec", "--query-index", qi, "--out", tmp / "r1.pt")
+    assert code == 0, err
+    m = SimsMatrix.load(tmp / "r1.pt")
+    assert m.k == 4 and m.query_ids == [f"p{i}:0" for i in range(8)]
+    assert m.gallery_ids[int(m.indices[3, 0])] == "3"  # the run's first id of query p3:0
+    cfg = write_config(tmp / "runs.yaml", {"inputs": {"r1": "r1.trec", "r2": "r2.trec"}, "fuse": {"method": "rrf"}})
+    code, _, err = cli("ensemble", "--config", cfg, "--query-index", qi, "--submit", tmp / "answer.txt", "--k", 3)
+    assert code == 0, err
+    assert len((tmp / "answer.txt").read_text().splitlines()) == 8
+    code, _, err = cli("validate", tmp / "answer.txt", "--query-index", qi, "--k", 3)
+    assert code == 0, err

@@ -117,3 +117,35 @@ def test_tfidf_cosine():
 def test_bad_parameters(params, match):
     with pytest.raises(TpasInputError, match=match):
         resolve_conflicts(_collision_case(), params)
+
+
+def _popular_images(q: int = 40, g: int = 300, seed: int = 0) -> SimsMatrix:
+    """Scores where a few popular gallery images top many queries: plenty of collisions to resolve."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(q, g, generator=gen) * 0.5
+    scores[:, :5] += torch.rand(q, 5, generator=gen) * 0.6  # images 0-4 are everybody's favourites
+    return SimsMatrix(ids("q", q), ids("g", g), scores=scores)
+
+
+@pytest.mark.parametrize("confidence", ["top1", "margin", "softmax"])
+def test_sca_on_a_topk_matrix_stays_topk_and_ranks_as_on_its_densified_form(confidence):
+    from tpas.submit import top_gallery_ids
+
+    dense = _popular_images()
+    top = dense.top_k(30)
+    # Scramble the kept slots: ties and order must come from gallery columns, not storage order.
+    perm = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i)) for i in range(40)])
+    top = SimsMatrix(top.query_ids, top.gallery_ids, indices=top.indices.gather(1, perm),
+                     values=top.values.gather(1, perm))  # fmt: skip
+    params = {"confidence": confidence, "depth": 10, "temperature": 0.1}
+    out_k, rep_k = resolve_conflicts(top, params)
+    densified = SimsMatrix(top.query_ids, top.gallery_ids, scores=top.to_dense("row-min"))
+    out_d, rep_d = resolve_conflicts(densified, params)
+    assert out_k.k == 30 and rep_k["collisions_before"]["images"] > 0
+    assert {k: rep_k[k] for k in ("collisions_before", "collisions_after", "rows_changed", "rounds")} == {
+        k: rep_d[k] for k in ("collisions_before", "collisions_after", "rows_changed", "rounds")
+    }
+    assert top_gallery_ids(out_k, dense.query_ids, k=20) == top_gallery_ids(out_d, dense.query_ids, k=20)
+    if confidence != "softmax":  # only the top depth + 1 matter: the same as on the full dense matrix
+        out_full, _ = resolve_conflicts(dense, params)
+        assert top_gallery_ids(out_k, dense.query_ids) == top_gallery_ids(out_full, dense.query_ids)

@@ -154,6 +154,30 @@ def test_gt_without_matching_queries_is_a_clear_error(planted):
         tune(load_config(cfg_path), gt)
 
 
+@pytest.mark.parametrize("post", [[], [{"sca": {"depth": 5}}]])
+def test_tuning_top_k_inputs_reports_what_the_tuned_ensemble_scores(tmp_path, post):
+    from tpas.ensemble.pipeline import run_ensemble
+    from tpas.scoring import evaluate
+
+    gen = torch.Generator().manual_seed(4)
+    qi, gi = ids("q", 40), ids("g", 90)
+    gt_cols = torch.randint(0, 90, (40,), generator=gen)
+    for n in ("a", "b"):
+        s = torch.rand(40, 90, generator=gen)
+        s[torch.arange(40), gt_cols] += 0.4 * torch.rand(40, generator=gen)
+        save(SimsMatrix(qi, gi, scores=s).top_k(15), tmp_path / f"{n}.pt")
+    cfg = write_config(tmp_path / "c.yaml", {
+        "inputs": {"a": "a.pt", "b": "b.pt"}, "fuse": {"method": "iterative", "order": ["a", "b"], "weights": [0.5]},
+        "post": post, "tune": {"space": {"fuse.weights.0": {"low": 0.0, "high": 1.0, "step": 0.25}}}})  # fmt: skip
+    frame = pd.DataFrame({"gallery_id": [gi[int(c)] for c in gt_cols], "image_id": qi}, index=pd.Index(qi))
+    gt = GroundTruth(qi, dict(zip(qi, frame["gallery_id"], strict=True)), frame)
+    res = tune(load_config(cfg), gt, search="grid")
+    w = res.params["fuse.weights.0"]
+    fused, _ = run_ensemble(load_config(cfg, [f"fuse.weights=[{w}]"]), keep_top=30)
+    assert fused.k == 30
+    assert evaluate(fused, gt).metrics()["mAP"] == pytest.approx(res.best.metrics["mAP"], abs=1e-9)
+
+
 @pytest.mark.parametrize(
     "match,ties", [("image", "stable"), ("identity", "stable"), ("identity", "optimistic"), ("image", "pessimistic")]
 )

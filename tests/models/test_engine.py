@@ -453,9 +453,9 @@ class GlobalToy(ToyMatchModel):
         return (reranked - reranked.min()) / (reranked.max() - reranked.min()) + 0.01 * itc
 
 
-# One torchrun launch covers both: the real CLI (`tpas infer clip`) and a re-ranking model with a global final step.
-# The script owns the process group: infer() then joins it instead of creating (and at the end destroying) its own,
-# which is how a program that calls infer() more than once under torchrun must do it.
+# One torchrun launch covers the real CLI (`tpas infer clip`), a re-ranking model with a global final step, and the
+# process-group life cycle: the first two runs each create their own group and destroy it at their end (so infer()
+# can be called again in the same process); the third joins the script's own group and leaves it alone.
 _DIST_SCRIPT = """
 import sys
 import torch.distributed as dist
@@ -464,14 +464,19 @@ from tpas.cli import main
 from tpas.models.engine import infer
 
 images, queries, out_dir, ckpt = sys.argv[1:5]
-dist.init_process_group("gloo")
 try:
     main(["infer", "clip", "--images", images, "--queries", queries, "--checkpoint", ckpt, "--batch-size", "2",
           "--workers", "0", "--device", "cpu", "--out", out_dir + "/dist.pt", "--cache-dir", out_dir + "/cache"])
 except SystemExit as e:
     assert e.code in (0, None), e.code
+assert not dist.is_initialized()
 infer(GlobalToy(), images, queries, out_dir + "/toy_dist.pt", rerank_k=3, batch_size=2, num_workers=0,
       device="cpu", use_cache=False)
+assert not dist.is_initialized()
+dist.init_process_group("gloo")
+infer(GlobalToy(), images, queries, out_dir + "/toy_joined.pt", rerank_k=3, batch_size=2, num_workers=0,
+      device="cpu", use_cache=False)
+assert dist.is_initialized()
 dist.destroy_process_group()
 """
 
@@ -519,6 +524,7 @@ def test_torchrun_two_ranks_equal_single_process(tiny_gallery: TinyGallery, tiny
     assert run.stdout.count("5 queries x 8 gallery") == 1  # rank 0 alone reports
     toy_dist = SimsMatrix.load(tmp_path / "toy_dist.pt")
     torch.testing.assert_close(toy_dist.scores, toy_single.scores, atol=1e-6, rtol=0)
+    assert torch.equal(SimsMatrix.load(tmp_path / "toy_joined.pt").scores, toy_dist.scores)
     torch.testing.assert_close(SimsMatrix.load(tmp_path / "toy_dist.itc.pt").scores,
                                SimsMatrix.load(tmp_path / "toy.itc.pt").scores, atol=0, rtol=0)  # fmt: skip
 
@@ -534,3 +540,71 @@ def test_model_fingerprint_without_checkpoint_file_hashes_weights_including_scal
 
     a, b = model_fingerprint(Scalar(1.0), None), model_fingerprint(Scalar(2.0), None)
     assert a != b and a == model_fingerprint(Scalar(1.0), None)
+
+
+def test_out_of_memory_names_the_batch_size_and_writes_nothing(
+    tiny_gallery: TinyGallery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tpas.errors import TpasResourceError
+
+    model = ToyMatchModel()
+
+    def no_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 1 GiB free")
+
+    monkeypatch.setattr(model, "encode_images", no_memory)
+    out = tmp_path / "toy.pt"
+    with pytest.raises(TpasResourceError, match=r"--batch-size 8 does not fit; lower it, e.g. --batch-size 4") as e:
+        infer(model, tiny_gallery.images, tiny_gallery.queries, out, batch_size=8, num_workers=0, use_cache=False)
+    assert "Tried to allocate 20.00 GiB" in str(e.value) and not out.exists()
+
+
+def test_a_dense_matrix_that_cannot_fit_is_refused_before_encoding(
+    tiny_gallery: TinyGallery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tpas.errors import TpasResourceError
+
+    monkeypatch.setenv("TPAS_MEMORY_AVAILABLE", "64")  # bytes: far less than queries x gallery x 4
+    model = ToyMatchModel()
+    with pytest.raises(TpasResourceError, match=r"dense ITC score matrix .* top-K"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "o.pt", num_workers=0, use_cache=False)
+    assert model.image_calls == 0 and not (tmp_path / "o.pt").exists()
+
+
+def test_keep_top_equals_the_dense_paths_top_k(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import tpas.models.engine as engine
+
+    model = _clip(tiny_clip_checkpoint)
+    kw = {"batch_size": 3, "num_workers": 0, "cache_dir": tmp_path / "cache"}
+    dense = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "dense.pt", **kw)
+    want = dense.top_k(4)
+    top = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "top.pt", keep_top=4, **kw)
+    assert top.k == 4 and top.meta["keep_top"] == 4 and top.gallery_ids == dense.gallery_ids
+    assert torch.equal(top.indices, want.indices) and torch.equal(top.values, want.values)  # same blocks: same bits
+    assert torch.equal(SimsMatrix.load(tmp_path / "top.pt").indices, want.indices)
+    # Blocks of 3 images: the merge across blocks; the matmul's rounding may change with the block width.
+    monkeypatch.setattr(engine, "_SIM_BLOCK_ELEMS", 5 * 3)
+    small = infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "small.pt", keep_top=4, **kw)
+    assert torch.equal(small.indices, want.indices)
+    torch.testing.assert_close(small.values, want.values, atol=1e-6, rtol=0)
+    with pytest.raises(TpasInputError, match="--keep-top must be >= 1"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=0, **kw)
+    with pytest.raises(TpasInputError, match="--keep-top cannot be combined with --rerank-k"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=4, rerank_k=2, **kw)
+
+
+def test_cli_keep_top_equals_the_dense_runs_top_k(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    dense = infer(_clip(tiny_clip_checkpoint), tiny_gallery.images, tiny_gallery.queries, tmp_path / "dense.pt",
+                  num_workers=0, use_cache=False)  # fmt: skip
+    out = tmp_path / "top.pt"
+    with pytest.raises(SystemExit) as e:
+        main(["infer", "clip", "--images", str(tiny_gallery.images), "--queries", str(tiny_gallery.queries),
+              "--checkpoint", str(tiny_clip_checkpoint), "--out", str(out), "--workers", "0", "--no-cache",
+              "--keep-top", "3"])  # fmt: skip
+    assert e.value.code == 0
+    top = SimsMatrix.load(out)
+    want = dense.top_k(3)
+    assert top.k == 3 and torch.equal(top.indices, want.indices)
+    torch.testing.assert_close(top.values, want.values, atol=1e-6, rtol=0)

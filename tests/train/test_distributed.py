@@ -27,20 +27,33 @@ def test_two_process_gradient_matches_one_process_on_the_global_batch(tmp_path: 
     model = build_model()
     compute_losses(model, global_batch(), LOSS_CONFIG)["total"].backward()
     want = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    itc_model = build_model()
+    compute_losses(itc_model, global_batch(), LOSS_CONFIG)["itc"].backward()
+    itc = {name: p.grad for name, p in itc_model.named_parameters() if p.grad is not None}
 
     out = tmp_path / "grads.pt"
     run = torchrun(2, str(HERE / "ddp_grad_check.py"), str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2
-    assert got["grads"].keys() == want.keys()
-    for name, g in want.items():
-        # Summation order differs between one process and two: allow float32 rounding, relative to the gradient's size
-        # (plus a tiny floor for gradients that are zero in exact arithmetic, e.g. attention key biases).
-        diff = float((got["grads"][name] - g).norm())
-        assert diff <= 1e-4 * float(g.norm()) + 1e-6, (name, diff, float(g.norm()))
+
+    def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+        assert a.keys() == b.keys()
+        for name, g in b.items():
+            # Summation order differs between one process and two: allow float32 rounding, relative to the
+            # gradient's size (plus a tiny floor for gradients that are zero in exact arithmetic, e.g. key biases).
+            diff = float((a[name] - g).norm())
+            assert diff <= 1e-4 * float(g.norm()) + 1e-6, (name, diff, float(g.norm()))
+
+    close(got["grads"]["global"], want)
     # The ITC part really crossed ranks: without the gather the image projection's gradient would differ.
     assert float(want["vision_proj.2.weight"].abs().sum()) > 0
+    # `paper` (the original's all-gather, whose backward keeps only this rank's slice): after DDP's mean, ITC's
+    # gradient through the features is 1/world_size of the global batch's; the temperature's is the global one.
+    half_itc = {n: g - 0.5 * itc[n] if n != "temp" and n in itc else g for n, g in want.items()}
+    close(got["grads"]["paper"], half_itc)
+    close(got["grads"]["paper"], got["grads"]["original"])
+    assert float(itc["vision_proj.2.weight"].abs().sum()) > 0 and float(itc["temp"].abs()) > 0
 
 
 def test_torchrun_trains_cmp_from_the_cli_with_rank0_checkpoints(tmp_path: Path) -> None:

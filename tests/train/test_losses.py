@@ -136,7 +136,8 @@ def test_ihnm_pairs_are_both_cross_pairs_labelled_negative() -> None:
     head = _RecordingHead()
     valid = torch.tensor([True, True, False])
     loss, _ = itm_loss(head, image, text, mask, torch.zeros(b, 4), torch.zeros(b, 4), torch.arange(b),
-                       in_batch_negatives=False, hard=(hard_image, hard_text, mask, valid))  # fmt: skip
+                       in_batch_negatives=False, hard=(hard_image, hard_text, mask, valid),
+                       pooling="pooled")  # fmt: skip
     texts, images = head.calls[0]
     pairs = list(zip(texts.tolist(), images.tolist(), strict=True))
     assert pairs[:b] == [(10, 30), (11, 31), (12, 32)]  # positives

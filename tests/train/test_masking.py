@@ -1,4 +1,5 @@
-"""MLM masking: 25% of real tokens, at most 10, whole words, never special tokens, 80/10/10 replacement."""
+"""MLM masking. `caption` mode: 25% of real tokens, at most 10, whole words, never special tokens, 80/10/10
+replacement. `padded` mode (the original generator): see tests/train/test_recipe.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def _caption(n_words: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tens
     return torch.tensor(ids), torch.tensor(mask), tokens + ["[PAD]"] * (length - len(tokens))
 
 
-def _run(n_words: int, seed: int, cfg: MaskingConfig = MaskingConfig()):
+CAPTION = MaskingConfig(candidates="caption")
+
+
+def _run(n_words: int, seed: int, cfg: MaskingConfig = CAPTION):
     rng = random.Random(seed)
     ids, att, tokens = _caption(n_words, rng)
     out = mask_tokens(ids, att, tokens, rng, cfg, mask_token_id=MASK, special_ids=[PAD, 1, CLS, SEP, MASK],
@@ -91,5 +95,5 @@ def test_skipgram_spans_appear_and_can_be_switched_off() -> None:
                      if b == a + 1 and not tokens[b].startswith("##"))  # fmt: skip
         return n
 
-    plain = MaskingConfig(skipgram_prob=0.0)
-    assert adjacent_pairs(MaskingConfig(skipgram_prob=1.0)) > 2 * adjacent_pairs(plain)
+    plain = MaskingConfig(skipgram_prob=0.0, candidates="caption")
+    assert adjacent_pairs(MaskingConfig(skipgram_prob=1.0, candidates="caption")) > 2 * adjacent_pairs(plain)

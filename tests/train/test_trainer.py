@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,17 +15,12 @@ from typer.testing import CliRunner
 from tpas.cli import app, main
 from tpas.data.synthetic import MiniPab, generate_mini_pab
 from tpas.errors import TpasInputError
+from tpas.train.checkpoints import BEST, LAST
 from tpas.train.config import load_train_config
 from tpas.train.losses import LossConfig, compute_losses
-from tpas.train.trainer import (
-    BEST,
-    LAST,
-    enable_gradient_checkpointing,
-    initialise,
-    lr_factor,
-    param_groups,
-    train,
-)
+from tpas.train.model_setup import enable_gradient_checkpointing, initialise
+from tpas.train.optim import lr_factor, param_groups
+from tpas.train.trainer import train
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "train" / "cmp_tiny.yaml"
 
@@ -136,10 +132,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_schedule_and_parameter_groups_follow_the_recipe() -> None:
-    assert lr_factor(0, 1000, 500, 1e-4, 1e-5) == 0.0
-    assert lr_factor(250, 1000, 500, 1e-4, 1e-5) == pytest.approx(0.5)
-    assert lr_factor(500, 1000, 500, 1e-4, 1e-5) == pytest.approx(1.0)
-    assert lr_factor(1000, 1000, 500, 1e-4, 1e-5) == pytest.approx(0.1)  # ends at 1e-5
+    assert lr_factor(0, 1000, 500, 1e-4, 1e-5, "linear") == 0.0
+    assert lr_factor(250, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(0.5)
+    assert lr_factor(500, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(1.0)
+    assert lr_factor(1000, 1000, 500, 1e-4, 1e-5, "linear") == pytest.approx(0.1)  # ends at 1e-5
     model = tiny_model()
     cfg = load_train_config(TINY_YAML)
     groups = {g["name"]: g for g in param_groups(model, cfg["optim"])}
@@ -193,6 +189,8 @@ def test_bad_input_is_one_line_exit_2(mini: MiniPab, tmp_path: Path, capsys: pyt
         return err
 
     assert "train.epoch" in run("--set", "train.epoch=3")
+    cpu_bf16 = run("--set", "train.precision=bf16", "--set", "train.device=cpu")
+    assert "train.precision bf16 needs a CUDA device" in cpu_bf16  # the one precision rule of infer and train
     assert "vocab" in run("--set", f"data.vocab={tmp_path / 'none.txt'}")
     common = ["--set", f"data.root={mini.root}", "--set", f"data.vocab={mini.vocab}"]
     assert "no checkpoint to resume from" in run(*common, "--set", f"output.dir={tmp_path / 'o'}", "--resume")
@@ -205,3 +203,62 @@ def test_bad_input_is_one_line_exit_2(mini: MiniPab, tmp_path: Path, capsys: pyt
         train(load_train_config(TINY_YAML, [f"data.root={bad}", f"data.vocab={mini.vocab}",
                                             f"output.dir={tmp_path / 'o2'}", "train.batch_size=2"]))  # fmt: skip
     assert "record 0" in str(e.value)
+
+
+def test_trainer_evaluation_equals_infer_then_evaluate(mini: MiniPab, tmp_path: Path) -> None:
+    """The per-epoch numbers are those of `tpas infer cmp --rerank-k` + `tpas evaluate` on the saved checkpoint."""
+    from tpas.data.pab import load_ground_truth
+    from tpas.models import load_model
+    from tpas.models.cmp import CMP, CMPConfig, CMPTokenizer
+    from tpas.models.engine import infer, itc_path_for
+    from tpas.scoring import evaluate
+    from tpas.sims import SimsMatrix
+    from tpas.train.evaluation import evaluate_model
+
+    vocab_size = CMPTokenizer(mini.vocab, 56, 56).vocab_size
+    torch.manual_seed(4)
+    model = CMP(CMPConfig.tiny(vocab_size=vocab_size))
+    # Every image gets the same ITC feature: each row's ITC is one big tie, so which k candidates the ITM re-ranks
+    # is decided by the tie rule alone (stable: the first k columns in the engine's id order).
+    with torch.no_grad():
+        model.vision_proj[2].weight.zero_()
+        model.vision_proj[2].bias.fill_(1.0)
+    model.set_tokenizer(mini.vocab)
+    got = evaluate_model(model, mini.test_annotation, mini.root, torch.device("cpu"), contextlib.nullcontext,
+                         batch_size=16, rerank_k=5)  # fmt: skip
+    ckpt = tmp_path / "ck.pth"
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, ckpt)
+    engine_model = load_model("cmp", ckpt, vocab=mini.vocab)
+    out = tmp_path / "cmp.pt"
+    infer(engine_model, mini.root / "test", mini.test_annotation, out, pose_dir=mini.root / "pose" / "test",
+          rerank_k=5, batch_size=16, num_workers=0, device="cpu", use_cache=False)  # fmt: skip
+    gt = load_ground_truth(mini.test_annotation)
+    assert got["itc"] == evaluate(SimsMatrix.load(itc_path_for(out)), gt).metrics()
+    assert got["itm"] == evaluate(SimsMatrix.load(out), gt).metrics()
+
+
+def test_divergence_stops_with_one_line_naming_the_step_and_the_last_checkpoint(
+    mini: MiniPab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from tpas.train import losses
+
+    real = losses.CMPLossModule.forward
+    calls = {"n": 0}
+
+    def diverge_at_step_3(self, batch):
+        out = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out = {**out, "itc": out["itc"] * float("nan"), "total": out["total"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(losses.CMPLossModule, "forward", diverge_at_step_3)
+    out = tmp_path / "run"
+    sets = [f"data.root={mini.root}", f"data.vocab={mini.vocab}", f"output.dir={out}", "train.batch_size=4",
+            "train.save_every_steps=2", "eval.enabled=false", "data.num_workers=0"]  # fmt: skip
+    args = ["train", "cmp", "--config", str(TINY_YAML), *(a for s in sets for a in ("--set", s))]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("error: training diverged at step 3")
+    assert f"the last good checkpoint is {out / LAST}" in err and "--resume" in err

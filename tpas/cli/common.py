@@ -86,14 +86,6 @@ def _usage_line(e: UsageError) -> None:
         err_console.print(f"Try '{e.ctx.command_path} {e.ctx.help_option_names[0]}' for help.", highlight=False)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    torch = sys.modules.get("torch")  # an OOM can only come from torch once it is imported: never import it here
-    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    # torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: ...").
-    return isinstance(e, MemoryError) or "can't allocate memory" in str(e)
-
-
 _OOM_HINTS = {
     "infer": "lower --batch-size (images, captions or pairs per batch), or use --precision fp16/bf16 on a GPU",
     "train": "lower the training batch size (--set train.batch_size=N) or use a smaller model",
@@ -133,7 +125,9 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None) -> int:
         print_error(f"{where}{e.strerror or e}")
         return 2
     except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        from ..resources import is_out_of_memory
+
+        if not is_out_of_memory(e):
             raise
         print_error(_oom_message(e, args))
         return 2

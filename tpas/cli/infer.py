@@ -83,6 +83,10 @@ def infer_family(
     skip_bad_images: Annotated[
         bool, typer.Option("--skip-bad-images", help="Record unreadable images in meta instead of stopping.")
     ] = False,
+    keep_top: Annotated[
+        int | None,
+        typer.Option("--keep-top", help="Keep each query's top-K only (gallery in blocks, never the dense [Q, G])."),
+    ] = None,
 ) -> None:
     """Build `family` with its own options, run the engine, print where the matrices went (rank 0 only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -112,6 +116,7 @@ def infer_family(
             use_cache=not no_cache,
             skip_bad_images=skip_bad_images,
             progress=RichInferProgress(bar),
+            keep_top=keep_top,
         )
     if not show:
         return

@@ -142,17 +142,14 @@ def submit_cmd(
     """Write the leaderboard file: per query (query_index.txt order) its k best gallery ids, stable tie rule."""
     from ..data.pab import read_gallery_ids, read_query_index
     from ..sims import SimsMatrix
-    from ..submit import validate_answer, write_ranking_file
+    from ..submit.submission import write_submission
 
     qids = read_query_index(query_index)
     gallery_ids = read_gallery_ids(gallery) if gallery is not None else None
     matrix = SimsMatrix.load(existing_file(sims))
-    written = write_ranking_file(
-        matrix, qids, out, k=k, gallery_ids=gallery_ids, make_zip=make_zip,
-        query_source=query_index, gallery_source=gallery,
-    )  # fmt: skip
-    for path in written:
-        validate_answer(path, qids, gallery_ids, k=k).raise_first()  # the writer's own output must always pass
+    written = write_submission(matrix, qids, out, k=k, gallery_ids=gallery_ids, make_zip=make_zip,
+                               query_source=query_index, gallery_source=gallery)  # fmt: skip
+    for path in written:  # each validated by write_submission
         console.print(f"wrote {path}: {len(qids)} lines x {k} ids (stable tie rule)", highlight=False)
 
 
@@ -177,6 +174,38 @@ def validate_cmd(
         raise typer.Exit(2)
     checked = "ids checked against the gallery" if report.gallery_checked else "gallery not checked (--gallery)"
     console.print(f"OK: {answer}: {report.n_lines} lines x {k} ids, {report.line_ending} line ends, {checked}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command("import-run")
+def import_run_cmd(
+    run: Annotated[Path, typer.Argument(help="Run file: TREC, CSV (query_id,gallery_id,score) or a ranking file.")],
+    query_index: Annotated[
+        Path, typer.Option("--query-index", help="query_index.txt: the query ids, and a ranking file's line order.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Top-K SimsMatrix file to write.")],
+    gallery: Annotated[
+        Path | None,
+        typer.Option("--gallery", help="Gallery folder or ids file (default: the ids the run lists, sorted)."),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="trec | csv | ranking (default: from the suffix; a .txt is sniffed)."),
+    ] = None,
+    source: Annotated[str, typer.Option("--source", help="Source name stored in the matrix.")] = "",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Score storage: fp32 | fp16.")] = None,
+) -> None:
+    """Turn another tool's run (ranx/TREC, CSV, a challenge ranking file) into a top-K SimsMatrix that tpas fuses."""
+    from ..data.pab import read_gallery_ids, read_query_index
+    from ..ensemble.external import import_run
+
+    qids = read_query_index(query_index)
+    gids = read_gallery_ids(gallery) if gallery is not None else None
+    m = import_run(existing_file(run), qids, gids, fmt, source)
+    m.save(out, dtype=dtype)
+    q, g = m.shape
+    ids_from = m.meta.get("ids_from", {}).get("gallery_ids", "--gallery")
+    console.print(f"wrote {out}: {q} queries x {g} gallery images, top-{m.k} (gallery ids from {ids_from})",
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def train_cmp_cmd(
     """Train CMP (ITC + IHNM-enhanced ITM + MLM, pose-aware); evaluates each epoch, checkpoints atomically."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..train import distributed as du
+    from ..runtime import rank
     from ..train.config import load_train_config
     from ..train.trainer import train
 
@@ -56,7 +56,7 @@ def train_cmp_cmd(
                 bar.console.print(event["message"], highlight=False)
 
         result = train(cfg, resume=resume, progress=on_event if main_proc else None)
-    if du.rank() == 0 and main_proc:
+    if rank() == 0 and main_proc:
         console.print(
             f"done: {result.steps} steps, {result.epochs_done} epochs; last {result.last_checkpoint}, "
             f"best {result.best_checkpoint}",

@@ -108,11 +108,16 @@ def _read_text(path: str | Path) -> tuple[Path, str]:
     return path, text.removeprefix(_BOM)
 
 
+_TOO_DEEP = "JSON nested too deeply (more than ~1000 levels of lists or objects)"
+
+
 def _json_document(path: Path, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise TpasInputError(f"invalid JSON: {e.msg} (column {e.colno})", path, f"line {e.lineno}") from None
+    except RecursionError:  # json.loads gives up on deep nesting with RecursionError, not JSONDecodeError
+        raise TpasInputError(_TOO_DEEP, path) from None
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[int, Any]]:
@@ -126,6 +131,8 @@ def _json_lines(path: Path, text: str) -> list[tuple[int, Any]]:
             out.append((n, loads(line)))
         except json.JSONDecodeError as e:
             raise TpasInputError(f"invalid JSON: {e.msg} (column {e.colno})", path, f"line {n}") from None
+        except RecursionError:
+            raise TpasInputError(_TOO_DEEP, path, f"line {n}") from None
     return out
 
 

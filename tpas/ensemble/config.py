@@ -1,8 +1,9 @@
 """The ensemble config (YAML): inputs, normalisation, fusion, post-processing, and an optional tuning space.
 
 ```yaml
-inputs:                      # name -> SimsMatrix file, or {path, format: sims|trec|csv, fill: row-min|<number>}
+inputs:                      # name -> SimsMatrix file, or {path, format: sims|trec|csv|ranking, fill: row-min|<number>}
   cmp_itm: sims_score/cmp.pt
+ids: {query_index: query_index.txt, gallery: gallery/}   # optional: the ids of run-only ensembles (see pipeline)
 normalize: {method: min-max, scope: global}
 normalize_per_input: {clip: {method: zmuv}}
 fuse: {method: iterative, order: [cmp_itm, beit3, blip2, clip], weights: [0.075, 0.9, 0.9]}  # exact: true = seed's ops
@@ -26,14 +27,16 @@ from typing import Any
 import yaml
 
 from ..errors import TpasInputError
-from ..io import apply_overrides, find_config, read_yaml
+from ..io import apply_overrides, find_config, read_yaml, resolve_against
+from .external import RUN_FORMATS, detect_format
 from .fusion import FuseSpec
 from .normalize import check_method
 from .post import get_post_step
 from .rerank_fill import check_fill
 
-INPUT_FORMATS = ("sims", "trec", "csv")
-TOP_KEYS = ("inputs", "normalize", "normalize_per_input", "fuse", "post", "tune")
+INPUT_FORMATS = ("sims", *RUN_FORMATS)
+TOP_KEYS = ("inputs", "ids", "normalize", "normalize_per_input", "fuse", "post", "tune")
+ID_KEYS = ("query_index", "gallery")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class EnsembleConfig:
     raw: dict[str, Any]
     base_dir: Path
     tune: dict[str, Any] = field(default_factory=dict)
+    ids: dict[str, Path] = field(default_factory=dict)  # `query_index` / `gallery` files, resolved
 
     @property
     def transductive(self) -> bool:
@@ -122,11 +126,8 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         if not v.get("path"):
             raise TpasInputError(f"{key}.path: missing file path")
         p = Path(str(v["path"]))
-        p = p if p.is_absolute() else base_dir / p
-        fmt = v.get("format")
-        if fmt is None:
-            suffix = p.suffix.lower()
-            fmt = "csv" if suffix == ".csv" else "trec" if suffix in (".run", ".trec", ".txt", ".tsv") else "sims"
+        p = resolve_against(p, base_dir)
+        fmt = v.get("format") or detect_format(p)
         if fmt not in INPUT_FORMATS:
             raise TpasInputError(f"{key}.format: {fmt!r} is not one of {list(INPUT_FORMATS)}")
         fill = check_fill(v.get("fill", "row-min"), f"{key}.fill")
@@ -171,7 +172,20 @@ def build_config(raw: dict[str, Any], base_dir: Path) -> EnsembleConfig:
         step = get_post_step(name, key)
         post.append((name, step.validate(_mapping(params, f"{key}.{name}"), f"{key}.{name}", base_dir)))
     tune = _mapping(raw.get("tune"), "tune")
-    return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune)
+    return EnsembleConfig(inputs, normalize, spec, post, raw, base_dir, tune, _ids(raw.get("ids"), base_dir))
+
+
+def _ids(v: Any, base_dir: Path) -> dict[str, Path]:
+    v = _mapping(v, "ids")
+    bad = set(v) - set(ID_KEYS)
+    if bad:
+        raise TpasInputError(f"ids.{sorted(bad)[0]}: unknown key; use {', '.join(ID_KEYS)}")
+    out = {}
+    for k, p in v.items():
+        if not p:
+            raise TpasInputError(f"ids.{k}: missing file path")
+        out[k] = resolve_against(Path(str(p)), base_dir)
+    return out
 
 
 PATH_PARAMS = ("text_features", "captions", "bank")
@@ -195,6 +209,8 @@ def dump_config(raw: dict[str, Any], base_dir: Path, out_path: Path, header: str
             v["path"] = rebase(v["path"])
         else:
             raw["inputs"][name] = rebase(v)
+    for k, v in (raw.get("ids") or {}).items():
+        raw["ids"][k] = rebase(v)
     for item in raw.get("post") or []:
         if isinstance(item, dict):
             for params in item.values():

@@ -23,15 +23,29 @@ def scores_of(m: SimsMatrix, inplace: bool = False) -> torch.Tensor:
     return m.scores if inplace else m.scores.clone()
 
 
-def with_post_step(sims: SimsMatrix, scores: torch.Tensor, report: dict) -> SimsMatrix:
+def ranked_scores(m: SimsMatrix, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores a reordering step permutes, without densifying a top-K matrix: (scores, None) for a dense matrix (as
+    `scores_of`), or (values [Q, K], columns [Q, K]) for a top-K one, its kept cells put in gallery-column order so
+    that slot order is gallery order for the tie rule (always new tensors)."""
+    if m.is_dense:
+        return scores_of(m, inplace), None
+    cols, order = m.indices.long().sort(dim=1)
+    return m.values.gather(1, order), cols
+
+
+def with_post_step(
+    sims: SimsMatrix, scores: torch.Tensor, report: dict, columns: torch.Tensor | None = None
+) -> SimsMatrix:
     """The post-processed matrix: new scores, the step's report appended to `meta.post`, marked transductive.
 
+    `columns` (from `ranked_scores`) makes the output top-K: `scores` are then the values of those columns.
     Every post step (SCA, assignment, re-scoring) uses the whole query set, so the output always says so.
     """
     meta = dict(sims.meta)
     meta["post"] = [*meta.get("post", []), report]
     meta["transductive"] = True
-    return SimsMatrix(sims.query_ids, sims.gallery_ids, scores=scores, source=sims.source or "fused", meta=meta)
+    form = {"scores": scores} if columns is None else {"indices": columns, "values": scores}
+    return SimsMatrix(sims.query_ids, sims.gallery_ids, **form, source=sims.source or "fused", meta=meta)
 
 
 def top1_collisions(first: torch.Tensor, n_cols: int) -> dict[str, int]:

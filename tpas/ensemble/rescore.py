@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import TpasInputError
+from ..io import resolve_against
 from ..sims import SimsMatrix
 from .fusion import block_rows
 from .parallel import map_row_ranges
@@ -70,7 +71,7 @@ def validate(params: dict[str, Any] | None, key: str, base_dir: Path | None = No
         raise TpasInputError(f"{key}.iterations: expected an integer >= 1, got {it!r}")
     if p["bank"] is not None:
         path = Path(str(p["bank"]))
-        p["bank"] = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+        p["bank"] = str(resolve_against(path, base_dir))
     return p
 
 

@@ -21,9 +21,10 @@ import scipy.sparse as sp
 import torch
 
 from ..errors import TpasInputError
+from ..io import resolve_against
 from ..sims import SimsMatrix
 from .parallel import map_row_ranges
-from .reorder import move_to_front, scores_of, top1_collisions, top_candidates, with_post_step
+from .reorder import move_to_front, ranked_scores, top1_collisions, top_candidates, with_post_step
 
 CONFIDENCES = ("top1", "margin", "softmax")
 DEFAULTS: dict[str, Any] = {
@@ -56,7 +57,7 @@ def validate(params: dict[str, Any] | None, key: str, base_dir: Path | None = No
     for k in ("text_features", "captions"):
         if p[k] is not None:
             path = Path(str(p[k]))
-            p[k] = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+            p[k] = str(resolve_against(path, base_dir))
     if p["text_sim_min"] is not None and p["text_features"] is None and p["captions"] is None:
         raise TpasInputError(f"{key}.text_sim_min: the text gate needs `text_features` or `captions`")
     return p
@@ -158,6 +159,17 @@ def _row_logsumexp(x: torch.Tensor, scale: float, rows: int = 16) -> torch.Tenso
     return torch.cat([torch.logsumexp(x[i : i + rows].double() * scale, dim=1) for i in range(0, x.shape[0], rows)])
 
 
+def _softmax_lse(scores: torch.Tensor, scale: float, n_cols: int) -> torch.Tensor:
+    """Row log-sum-exp of scale * scores over the whole gallery. Top-K values (fewer columns than the gallery):
+    the unkept cells count at the row minimum, as `to_dense("row-min")` would fill them."""
+    q, width = scores.shape
+    lse = torch.cat(map_row_ranges(lambda lo, hi: _row_logsumexp(scores[lo:hi], scale), q))  # no float64 copy
+    if width < n_cols:
+        rest = math.log(n_cols - width) + scores.min(dim=1).values.double() * scale
+        lse = torch.logaddexp(lse, rest)
+    return lse
+
+
 def resolve_conflicts(
     sims: SimsMatrix,
     params: dict[str, Any] | None = None,
@@ -167,25 +179,25 @@ def resolve_conflicts(
     """Run SCA on a matrix; returns the new matrix and a report (collisions before/after, rows changed, rounds).
 
     Args:
-        sims: query x gallery scores (dense, or top-K which is densified with its row minimum).
+        sims: query x gallery scores, dense or top-K (reordered among its kept cells and returned top-K; unkept
+            cells count at the row minimum in the softmax confidence).
         params: see DEFAULTS; validated here.
         text_sim: caption similarity for the gate; built from params' `text_features`/`captions` when None.
         inplace: modify `sims.scores` instead of a copy (the ensemble pipeline owns its fused matrix).
     """
     p = validate(params, "sca")
-    scores = scores_of(sims, inplace)
-    q, g = scores.shape
-    depth = min(int(p["depth"]), g)
+    scores, columns = ranked_scores(sims, inplace)  # top-K: values [Q, K] of `columns`, never densified
+    q, width = scores.shape
+    g = len(sims.gallery_ids)
+    depth = min(int(p["depth"]), width)
     # One extra candidate so the margin of the last reorderable slot is defined.
-    cand_ext = top_candidates(scores, min(depth + 1, g))
-    cs = scores.gather(1, cand_ext)
-    cand = cand_ext[:, :depth]
+    slots_ext = top_candidates(scores, min(depth + 1, width))
+    cs = scores.gather(1, slots_ext)
+    slots = slots_ext[:, :depth]
+    cand = slots if columns is None else columns.gather(1, slots)  # gallery columns: what queries compete for
     lse = None
     if p["confidence"] == "softmax":
-        inv_t = 1.0 / float(p["temperature"])
-        lse = torch.cat(
-            map_row_ranges(lambda lo, hi: _row_logsumexp(scores[lo:hi], inv_t), q)
-        )  # block-wise: no float64 copy of the matrix
+        lse = _softmax_lse(scores, 1.0 / float(p["temperature"]), g)
     gate = p["text_sim_min"]
     if gate is not None and text_sim is None:
         text_sim = (
@@ -226,7 +238,7 @@ def resolve_conflicts(
                 changed = True
         if not changed:
             break
-    changed_rows = move_to_front(scores, cand, ptr)
+    changed_rows = move_to_front(scores, slots, ptr)
     after = top1_collisions(cand[torch.arange(q), ptr], g)
     report = {
         "step": "sca",
@@ -237,4 +249,4 @@ def resolve_conflicts(
         "rounds": rounds,
         "transductive": True,
     }
-    return with_post_step(sims, scores, report), report
+    return with_post_step(sims, scores, report, columns), report

@@ -281,13 +281,14 @@ def infer_config(state: Mapping[str, torch.Tensor], path: Path | None = None) ->
     size and channels from the patch projection, resolution from the vision position table
     (rows = 1 + (img/patch)^2 + 2), text positions from the language position table.
     """
-    needed = (
-        "beit3.text_embed.weight",
-        "beit3.vision_embed.proj.weight",
-        "beit3.encoder.embed_positions.A.weight",
-        "beit3.encoder.embed_positions.B.weight",
-        "beit3.encoder.layers.0.ffn.A.fc1.weight",
-    )
+    # The keys the sizes are read from, with their number of dimensions.
+    needed = {
+        "beit3.text_embed.weight": 2,
+        "beit3.vision_embed.proj.weight": 4,
+        "beit3.encoder.embed_positions.A.weight": 2,
+        "beit3.encoder.embed_positions.B.weight": 2,
+        "beit3.encoder.layers.0.ffn.A.fc1.weight": 2,
+    }
     missing = [k for k in needed if k not in state]
     if missing:
         raise TpasInputError(
@@ -295,6 +296,13 @@ def infer_config(state: Mapping[str, torch.Tensor], path: Path | None = None) ->
             "beit3_*_retrieval.pth under 'model')",
             path,
         )
+    for key, ndim in needed.items():
+        if state[key].dim() != ndim:
+            raise TpasInputError(f"tensor {key!r} has shape {list(state[key].shape)}; expected {ndim} dimensions", path)
+    layer_keys = [k for k in state if k.startswith("beit3.encoder.layers.")]
+    odd = next((k for k in layer_keys if not k.split(".")[3].isdigit()), None)
+    if odd is not None:
+        raise TpasInputError(f"unexpected key {odd!r} (encoder layers are numbered)", path)
     vocab_size, embed_dim = state["beit3.text_embed.weight"].shape
     proj = state["beit3.vision_embed.proj.weight"].shape  # [D, C, P, P]
     patch_size, in_chans = int(proj[-1]), int(proj[1])
@@ -304,7 +312,7 @@ def infer_config(state: Mapping[str, torch.Tensor], path: Path | None = None) ->
         raise TpasInputError(
             f"vision position table has {rows} rows; expected 1 + (img_size/patch_size)^2 + {POSITION_OFFSET}", path
         )
-    layer_ids = {int(k.split(".")[3]) for k in state if k.startswith("beit3.encoder.layers.")}
+    layer_ids = {int(k.split(".")[3]) for k in layer_keys}
     layers = max(layer_ids) + 1
     if layer_ids != set(range(layers)):
         gaps = sorted(set(range(layers)) - layer_ids)
@@ -480,13 +488,20 @@ class BEiT3Retrieval(RetrievalModel):
 
     def check_layout(self, state: Mapping[str, torch.Tensor], path: Path | None = None) -> None:
         """TpasInputError naming the first missing/unexpected key or wrong shape versus this architecture."""
-        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        mine = self.state_dict()
+        own = {k: tuple(v.shape) for k, v in mine.items()}
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         wrong = [
             f"{k} {tuple(state[k].shape)} (expected {own[k]})"
             for k in own
             if k in state and tuple(state[k].shape) != own[k]
+        ]
+        # load_state_dict(assign=True) adopts the tensors as they are: an integer tensor cannot become a parameter.
+        wrong += [
+            f"{k} {state[k].dtype} (expected floating point)"
+            for k, v in mine.items()
+            if k in state and v.is_floating_point() and not state[k].is_floating_point()
         ]
         problems = []
         if missing:

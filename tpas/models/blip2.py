@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..errors import TpasInputError
 from .base import TRUST_CHECKPOINT, VOCAB, FamilyOption, Features, RetrievalModel, register
-from .checkpoint import load_checkpoint
+from .checkpoint import WEIGHT_KINDS, load_checkpoint, sniff
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -99,9 +99,15 @@ def _find_weights(directory: Path) -> list[Path]:
         index = directory / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TpasInputError(f"unreadable shard index ({e})", index) from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise TpasInputError(f"unreadable shard index ({type(e).__name__}: {e})", index) from None
+            # Shards are file names inside the folder: anything else (a number, a path out of it) is a broken index.
+            bad = next((s for s in shards if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")), None)
+            if bad is not None or not shards:
+                what = f"names {bad!r}, not a file in this folder" if shards else "lists no weight files"
+                raise TpasInputError(f"shard index {what}", index)
             return [directory / s for s in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
@@ -215,6 +221,9 @@ class Blip2Model(RetrievalModel):
             )
         path = Path(path)
         if path.is_file():
+            kind = sniff(path)
+            if kind.kind not in WEIGHT_KINDS:  # a failed download, not a LAVIS file: say what it is
+                raise TpasInputError(kind.refusal(), path)
             raise TpasInputError(
                 "BLIP-2 loads a transformers directory, not a single file; for a LAVIS checkpoint run "
                 f"`tpas convert blip2-lavis {path.name} --vit eva_vit_g.pth|clip_vit_L.pth --out DIR` first",
@@ -238,8 +247,10 @@ class Blip2Model(RetrievalModel):
         state: dict[str, torch.Tensor] = {}
         for f in _find_weights(path):
             obj = load_checkpoint(f, trust=trust)
-            if not isinstance(obj, dict):
-                raise TpasInputError("weights file does not hold a state dict", f)
+            if not isinstance(obj, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+            ):
+                raise TpasInputError("weights file does not hold a state dict (a mapping of names to tensors)", f)
             state.update(obj)
         with torch.device("meta"):
             model = Blip2ForImageTextRetrieval(hf_config)

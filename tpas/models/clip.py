@@ -167,17 +167,23 @@ def _read_checkpoint(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], 
 
 def infer_geometry(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     """open_clip model_cfg (sizes only) of a ViT CLIP state dict, as OpenAI's build_model reads them; None for
-    layouts whose sizes cannot be read from shapes (ResNet, timm or HF towers)."""
-    need = (
-        "visual.conv1.weight",
-        "visual.positional_embedding",
-        "text_projection",
-        "positional_embedding",
-        "token_embedding.weight",
-        "ln_final.weight",
-    )
+    layouts whose sizes cannot be read from shapes (ResNet, timm or HF towers); ValueError when a tensor the sizes
+    are read from has the wrong number of dimensions."""
+    # Each key the sizes are read from, with the number of dimensions it has in a ViT CLIP.
+    need = {
+        "visual.conv1.weight": 4,
+        "visual.positional_embedding": 2,
+        "text_projection": 2,
+        "positional_embedding": 2,
+        "token_embedding.weight": 2,
+        "ln_final.weight": 1,
+    }
     if not all(k in state for k in need):
         return None
+    for k, ndim in need.items():
+        shape = tuple(getattr(state[k], "shape", ()))
+        if len(shape) != ndim or 0 in shape:
+            raise ValueError(f"tensor {k!r} has shape {list(shape)}; a ViT CLIP has {ndim} non-empty dimensions there")
     width = state["visual.conv1.weight"].shape[0]
     patch = state["visual.conv1.weight"].shape[-1]
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -285,7 +291,10 @@ def _resolve_config(
             info["file"],
         )
 
-    geometry = infer_geometry(state)
+    try:
+        geometry = infer_geometry(state)
+    except ValueError as e:
+        raise TpasInputError(str(e), info["file"]) from None
     if stated is None:
         if geometry is None:
             raise TpasInputError(

@@ -10,8 +10,12 @@ images a batch uses, so a 36,773-image gallery never has to sit in memory as cro
 
 Under `torchrun --nproc_per_node N`, each rank encodes a contiguous shard of the gallery into the shared store and a
 shard of the queries, computes (and re-ranks) its own query rows against the full gallery, and rank 0 gathers the rows
-and writes the files. Feature contract: `encode_images`/`encode_texts` return `embed` (what `similarity` consumes)
-plus any states `match` needs; `match` receives, per pair, the image's features (all keys, from the store) and the
+and writes the files. Device, precision and the process group come from `tpas.runtime`; the re-rank itself is
+`tpas.models.rerank`. The building blocks (`encode_image_batch`, `encode_images_in_memory`, `encode_texts`,
+`similarity_matrix`) are public so the trainer's evaluation computes its numbers with this very code.
+
+Feature contract: `encode_images`/`encode_texts` return `embed` (what `similarity` consumes) plus any states `match`
+needs; `match` receives, per pair, the image's features (all keys, from the store) and the
 text's `tokenize` output merged with its `encode_texts` output (the latter wins on a shared key).
 """
 
@@ -32,11 +36,14 @@ import torch
 from ..data.images import GalleryDataset, bad_image_error, gallery_loader, pose_path
 from ..data.pab import Query, list_gallery, read_queries
 from ..errors import TpasInputError
+from ..resources import check_dense_fits, out_of_memory_hint
+from ..runtime import Autocast, Distributed, distributed, precision_policy, resolve_device
 from ..sims import SimsMatrix
+from ..topk import topk_similarity
 from .base import Features, RetrievalModel
 from .cache import FeatureStore, cached_sha256, default_cache_dir, item_key
+from .rerank import Reranked, load_candidates, rerank_topk, to_device
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Elements of one [Q, G-block, ...] similarity intermediate; bounds memory for token-level (BLIP-2) similarity.
 _SIM_BLOCK_ELEMS = 1 << 27
 
@@ -76,33 +83,6 @@ def itm_path_for(out: Path) -> Path:
     return out.with_name(f"{out.stem}.itm.pt")
 
 
-# ---------------------------------------------------------------------------------------------- setup helpers
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> the CUDA device of this rank when CUDA is available, else CPU; other names are checked."""
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise TpasInputError(f"--device {device!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TpasInputError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision not in PRECISIONS:
-        raise TpasInputError(f"--precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise TpasInputError(f"--precision {precision} needs a CUDA device; on {device.type} tpas computes in fp32")
-    return torch.autocast("cuda", dtype=PRECISIONS[precision])
-
-
 def model_fingerprint(model: RetrievalModel, cache_root: Path | None) -> str:
     """sha256 of the model's checkpoint file (set by `load_model`), or of its weights when it has none."""
     path = getattr(model, "checkpoint_path", None)
@@ -117,79 +97,13 @@ def model_fingerprint(model: RetrievalModel, cache_root: Path | None) -> str:
     return h.hexdigest()
 
 
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1); a no-op single process otherwise.
-
-    An existing process group is joined and left alone; otherwise one is created for this run and destroyed at its
-    end (so a program calling `infer` several times under torchrun should create the group itself, once).
-    """
-
-    def __init__(self, want_cuda: bool):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.created = False
-        self.group = None
-        if self.world <= 1:
-            return
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if want_cuda else "gloo")
-            self.created = True
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        # Python objects (feature rows, skipped lists) always travel over gloo on CPU, whatever the main backend.
-        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    def shard(self, n: int) -> range:
-        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.active:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def close(self) -> None:
-        if self.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _to_cpu(feats: Features) -> Features:
+def to_cpu(feats: Features) -> Features:
     """Detach to CPU; `embed` becomes float32 (scores are computed in fp32 whatever the encode precision)."""
     out = {}
     for k, v in feats.items():
         v = v.detach().to("cpu")
         out[k] = v.float() if k == "embed" and v.is_floating_point() else v
     return out
-
-
-def _to_device(feats: Features, device: torch.device) -> Features:
-    return {k: v.to(device, non_blocking=True) for k, v in feats.items()}
 
 
 def _cat_padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -254,6 +168,18 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one `infer` run shares."""
+
+    model: RetrievalModel
+    dev: torch.device
+    autocast: Autocast
+    batch_size: int
+    progress: ProgressFn | None
+    dist: Distributed
+
+
 def infer(
     model: RetrievalModel,
     images_dir: str | Path,
@@ -263,6 +189,7 @@ def infer(
     pose_dir: str | Path | None = None,
     rerank_k: int | None = None,
     candidates: str | Path | SimsMatrix | None = None,
+    keep_top: int | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     device: str = "auto",
@@ -282,17 +209,20 @@ def infer(
         pose_dir: pose maps (same relative paths as the images) for pose-aware models (`model.needs_pose`).
         rerank_k: re-rank each query's top-k with the model's matching head.
         candidates: take each query's top-k from this matrix (another model's) instead of the model's own ITC.
+        keep_top: write each query's top-K only (`tpas.topk`: gallery blocks, never the dense [Q, G]; exactly the
+            dense matrix's top-K under the stable tie rule). Not combined with `rerank_k` yet.
         batch_size: images / captions / (query, image) pairs per forward pass.
         num_workers: DataLoader worker processes for decoding (None: `default_num_workers()`; 0: in-process).
-        device: "auto", "cpu", "cuda", "cuda:N".
-        precision: "fp32", or "fp16"/"bf16" autocast (CUDA only).
+        device: "auto", "cpu", "cuda", "cuda:N" (`tpas.runtime.resolve_device`).
+        precision: "fp32", or "fp16"/"bf16" autocast (CUDA only; `tpas.runtime.precision_policy`).
         cache_dir: feature cache root (default `default_cache_dir()`).
         use_cache: False encodes everything afresh into a temporary store that is removed at the end.
         skip_bad_images: record unreadable images in meta (their column scores the row minimum) instead of stopping.
         progress: called after every batch with an `InferProgress`.
 
     Returns:
-        The written matrix (the re-ranked one when re-ranking); every rank returns it under torchrun.
+        The written matrix (the re-ranked one when re-ranking); every rank returns it under torchrun. Under torchrun
+        the run joins the caller's process group, or creates one and destroys it before returning.
     """
     if getattr(model, "pair_reranker", False):  # VLM re-rankers score candidate pairs only (tpas.models.vlm)
         return model.rerank_pairs(images_dir, queries, out, pose_dir=pose_dir, rerank_k=rerank_k, candidates=candidates,
@@ -300,11 +230,100 @@ def infer(
                                   cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
                                   progress=progress)  # fmt: skip
     out = Path(out)
+    _check_arguments(model, out, batch_size, rerank_k, candidates, pose_dir, keep_top)
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    gallery = list_gallery(images_dir)
+    qs = list(queries) if not isinstance(queries, (str, Path)) else read_queries(queries)
+    if not qs:
+        raise TpasInputError("no queries given")
+    query_ids = [q.id for q in qs]
+    gallery_ids = [g.id for g in gallery]
+    cand = load_candidates(candidates, query_ids, gallery_ids, rerank_k) if candidates is not None else None
+    dev = resolve_device(device)
+    amp = precision_policy(dev, precision)
+    if keep_top is None:
+        check_dense_fits(len(qs), len(gallery), what="ITC score matrix")
+
+    with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
+        run = _Run(model, dev, amp.autocast, batch_size, progress, dist)
+        model.to(dev).eval()
+        with _feature_store(run, out, cache_dir, use_cache, precision) as (store, sha):
+            keys, poses = _gallery_keys(gallery, Path(images_dir), pose_dir)
+            states = rerank_k is not None
+            bad = _encode_gallery(run, store, gallery, keys, poses, num_workers, skip_bad_images, states)
+            skipped: dict[int, str] = {}
+            for part in dist.all_gather(bad):
+                skipped.update(part)
+            dist.barrier()
+            store.scan()  # other ranks' chunks
+            good = [i for i in range(len(gallery)) if i not in skipped]
+            if not good:
+                raise TpasInputError("no gallery image could be read", images_dir)
+            q_rows = dist.shard(len(qs))
+            first = None if cand is None else cand[q_rows.start : q_rows.stop]
+            shard = _score_queries(run, store, keys, good, [qs[i].caption for i in q_rows], rerank_k, first, keep_top)
+            parts = dist.all_gather(shard)
+            meta = _meta(model, sha, precision, dev, images_dir, queries, gallery, skipped, dist.world)
+            if keep_top is not None:
+                meta["keep_top"] = keep_top
+            if rerank_k is not None:
+                meta.update(rerank_k=rerank_k, itc_file=itc_path_for(out).name)
+                if candidates is not None:
+                    meta["candidates"] = str(candidates) if isinstance(candidates, (str, Path)) else candidates.source
+            matrices = _matrices(model, parts, query_ids, gallery_ids, meta)
+            if dist.rank == 0:
+                _save(matrices, out)
+            dist.barrier()
+            return matrices[0]
+
+
+def _meta(
+    model: RetrievalModel,
+    sha: str,
+    precision: str,
+    dev: torch.device,
+    images_dir: str | Path,
+    queries: str | Path | Sequence[Query],
+    gallery: Sequence[Any],
+    skipped: dict[int, str],
+    world: int,
+) -> dict[str, Any]:
+    """What a written matrix records about its run (checkpoint, model, inputs, skipped images)."""
+    return {
+        "family": model.family,
+        "checkpoint": str(getattr(model, "checkpoint_path", None) or ""),
+        "checkpoint_sha256": sha,
+        "model": model.describe(),
+        "precision": precision,
+        "device": dev.type,
+        "images": str(images_dir),
+        "queries": str(queries) if isinstance(queries, (str, Path)) else "",
+        "skipped_images": [
+            {"id": gallery[i].id, "path": str(gallery[i].path), "error": msg} for i, msg in sorted(skipped.items())
+        ],
+        "world_size": world,
+    }
+
+
+def _check_arguments(
+    model: RetrievalModel,
+    out: Path,
+    batch_size: int,
+    rerank_k: int | None,
+    candidates: object,
+    pose_dir: str | Path | None,
+    keep_top: int | None = None,
+) -> None:
+    """Refuse option combinations that cannot run, before any work."""
     if out.is_dir():
         raise TpasInputError("--out must be a file path, not a folder", out)
+    if keep_top is not None:
+        if keep_top < 1:
+            raise TpasInputError(f"--keep-top must be >= 1, got {keep_top}")
+        if rerank_k is not None:
+            raise TpasInputError("--keep-top cannot be combined with --rerank-k yet (the re-rank needs dense ITC)")
     if batch_size < 1:
         raise TpasInputError(f"--batch-size must be >= 1, got {batch_size}")
-    num_workers = default_num_workers() if num_workers is None else num_workers
     if rerank_k is not None:
         if rerank_k < 1:
             raise TpasInputError(f"--rerank-k must be >= 1, got {rerank_k}")
@@ -323,178 +342,64 @@ def infer(
         if not Path(pose_dir).is_dir():
             raise TpasInputError("pose folder not found", pose_dir)
 
-    gallery = list_gallery(images_dir)
-    qs = list(queries) if not isinstance(queries, (str, Path)) else read_queries(queries)
-    if not qs:
-        raise TpasInputError("no queries given")
-    query_ids = [q.id for q in qs]
-    gallery_ids = [g.id for g in gallery]
-    cand = _load_candidates(candidates, query_ids, gallery_ids, rerank_k) if candidates is not None else None
 
-    dist = _Dist(want_cuda=(device == "auto" and torch.cuda.is_available()) or device.startswith("cuda"))
+@contextlib.contextmanager
+def _feature_store(
+    run: _Run, out: Path, cache_dir: str | Path | None, use_cache: bool, precision: str
+) -> Iterator[tuple[FeatureStore, str]]:
+    """The run's feature store and the model's fingerprint; a `--no-cache` store is removed when the run ends."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sha = model_fingerprint(run.model, root if use_cache else None)
     tmp_store: Path | None = None
+    if not use_cache:
+        # A private store beside the output (it may be large: match states), shared by all ranks, removed after.
+        tmp_store = Path(run.dist.broadcast(str(private_store(out)) if run.dist.rank == 0 else None))
+        root = tmp_store
+    key = {
+        "family": run.model.family,
+        "checkpoint_sha256": sha,
+        "model": run.model.describe(),
+        "precision": precision,
+        "device_type": run.dev.type,
+        "pose": bool(getattr(run.model, "needs_pose", False)),
+    }
     try:
-        dev = resolve_device(device, dist.local_rank)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        autocast = _autocast(dev, precision)
-        model.to(dev).eval()
-
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        sha = model_fingerprint(model, root if use_cache else None)
-        if not use_cache:
-            # A private store beside the output (it may be large: match states), shared by all ranks, removed after.
-            name = None
-            if dist.rank == 0:
-                name = str(private_store(out))
-            tmp_store = Path(dist.broadcast(name))
-            root = tmp_store
-        key = {
-            "family": model.family,
-            "checkpoint_sha256": sha,
-            "model": model.describe(),
-            "precision": precision,
-            "device_type": dev.type,
-            "pose": needs_pose,
-        }
-        store = FeatureStore(root, key)
-
-        images_root = Path(images_dir)
-        poses = [pose_path(g.path, images_root, Path(pose_dir)) for g in gallery] if pose_dir is not None else None
-        try:
-            keys = [item_key(g.path, poses[i] if poses and poses[i].is_file() else None) for i, g in enumerate(gallery)]
-        except FileNotFoundError as e:  # deleted between listing and stat (a gallery being written to)
-            raise TpasInputError("image vanished while the gallery was being read", e.filename) from None
-        if poses is not None:
-            # A missing pose map must not share a cache entry with its image alone; the dataset reports it.
-            keys = [k if poses[i].is_file() else k + "||pose-missing" for i, k in enumerate(keys)]
-
-        bad = _encode_gallery(
-            model,
-            store,
-            gallery,
-            keys,
-            poses,
-            dist,
-            dev,
-            autocast,
-            batch_size,
-            num_workers,
-            skip_bad_images,
-            progress,
-            states=rerank_k is not None,
-        )
-        bad_all: dict[int, str] = {}
-        for part in dist.all_gather(bad):
-            bad_all.update(part)
-        dist.barrier()
-        store.scan()  # other ranks' chunks
-        good = [i for i in range(len(gallery)) if i not in bad_all]
-        if not good:
-            raise TpasInputError("no gallery image could be read", images_dir)
-        image_embed = store.load([keys[i] for i in good], names=["embed"])["embed"]
-
-        q_rows = dist.shard(len(qs))
-        text = _encode_texts(model, [qs[i].caption for i in q_rows], dev, autocast, batch_size, progress, len(qs))
-        itc_good = _similarity(model, text["embed"], image_embed, dev)
-        itc = _fill_columns(itc_good, good, len(gallery))
-
-        reranked = top = matched = None
-        if rerank_k is not None:
-            first = itc if cand is None else cand[q_rows.start : q_rows.stop]
-            # Cells a top-K candidates matrix lacks rank below its kept cells but stay eligible (if skipped images
-            # leave a row short of k candidates); skipped images themselves can never be chosen (k <= readable).
-            masked = first.nan_to_num(neginf=torch.finfo(torch.float32).min)
-            if bad_all:
-                masked[:, sorted(bad_all)] = float("-inf")
-            reranked, top, matched = _rerank(
-                model, store, keys, text, masked, min(rerank_k, len(good)), dev, autocast, batch_size, progress
-            )
-
-        parts = dist.all_gather((itc, reranked, top, matched))
-        itc_all = torch.cat([p[0] for p in parts])
-        final_all = itm_m = None
-        if rerank_k is not None:
-            # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
-            final_all = model.finalize_rerank(torch.cat([p[1] for p in parts]), itc_all).float().cpu()
-
-        meta: dict[str, Any] = {
-            "family": model.family,
-            "checkpoint": str(getattr(model, "checkpoint_path", None) or ""),
-            "checkpoint_sha256": sha,
-            "model": model.describe(),
-            "precision": precision,
-            "device": dev.type,
-            "images": str(images_dir),
-            "queries": str(queries) if isinstance(queries, (str, Path)) else "",
-            "skipped_images": [
-                {"id": gallery[i].id, "path": str(gallery[i].path), "error": msg} for i, msg in sorted(bad_all.items())
-            ],
-            "world_size": dist.world,
-        }
-        itc_source = f"{model.family}-itc" if model.has_match_head else model.family
-        itc_m = SimsMatrix(query_ids, gallery_ids, scores=itc_all, source=itc_source, meta=dict(meta))
-        if final_all is None:
-            result = itc_m
-        else:
-            rmeta = dict(meta, rerank_k=rerank_k, itc_file=itc_path_for(out).name)
-            if isinstance(candidates, (str, Path)):
-                rmeta["candidates"] = str(candidates)
-            elif candidates is not None:
-                rmeta["candidates"] = candidates.source
-            result = SimsMatrix(query_ids, gallery_ids, scores=final_all, source=f"{model.family}-itm", meta=rmeta)
-            itm_m = SimsMatrix(
-                query_ids,
-                gallery_ids,
-                indices=torch.cat([p[2] for p in parts]),
-                values=torch.cat([p[3] for p in parts]).float(),
-                source=f"{model.family}-itm-raw",
-                meta=dict(rmeta, fill="unscored"),
-            )
-        if dist.rank == 0:
-            if itm_m is not None:
-                # Before `out`, so a finished `out` always has its ITC and raw ITM files beside it.
-                itc_m.save(itc_path_for(out))
-                itm_m.save(itm_path_for(out))
-            result.save(out)
-        dist.barrier()
-        return result
+        yield FeatureStore(root, key), sha
     finally:
-        if tmp_store is not None and dist.rank == 0:
+        if tmp_store is not None and run.dist.rank == 0:
             shutil.rmtree(tmp_store, ignore_errors=True)
-        dist.close()
 
 
-def _load_candidates(
-    candidates: str | Path | SimsMatrix, query_ids: list[str], gallery_ids: list[str], k: int | None
-) -> torch.Tensor:
-    """Dense [Q, G] first-stage scores from another model's matrix, aligned to our ids (cells it lacks: -inf)."""
-    m = candidates if isinstance(candidates, SimsMatrix) else SimsMatrix.load(candidates)
-    where = candidates if isinstance(candidates, (str, Path)) else None
-    if not m.is_dense and k is not None and (m.k or 0) < k:
-        raise TpasInputError(
-            f"--candidates keeps only the top-{m.k} per query; --rerank-k {k} needs at least {k}", where
-        )
+def _gallery_keys(
+    gallery: Sequence[Any], images_root: Path, pose_dir: str | Path | None
+) -> tuple[list[str], list[Path] | None]:
+    """Each image's cache key (path, mtime, size; with its pose map's) and its pose map path (None: no poses)."""
+    poses = [pose_path(g.path, images_root, Path(pose_dir)) for g in gallery] if pose_dir is not None else None
     try:
-        m = m.align(query_ids=query_ids, gallery_ids=gallery_ids)
-    except TpasInputError as e:
-        raise TpasInputError(f"--candidates does not match this gallery/query set: {e.message}", where) from None
-    return m.to_dense(fill=float("-inf")).float()
+        keys = [item_key(g.path, poses[i] if poses and poses[i].is_file() else None) for i, g in enumerate(gallery)]
+    except FileNotFoundError as e:  # deleted between listing and stat (a gallery being written to)
+        raise TpasInputError("image vanished while the gallery was being read", e.filename) from None
+    if poses is not None:
+        # A missing pose map must not share a cache entry with its image alone; the dataset reports it.
+        keys = [k if poses[i].is_file() else k + "||pose-missing" for i, k in enumerate(keys)]
+    return keys, poses
+
+
+def encode_image_batch(model: RetrievalModel, batch: Features, dev: torch.device, autocast: Autocast) -> Features:
+    """`model.encode_images` of one collated batch under inference mode and `autocast`; the result on the CPU."""
+    with torch.inference_mode(), autocast():
+        feats = model.encode_images(to_device(batch, dev))
+    return to_cpu(feats)
 
 
 def _encode_gallery(
-    model: RetrievalModel,
+    run: _Run,
     store: FeatureStore,
     gallery: Sequence[Any],
     keys: list[str],
     poses: list[Path] | None,
-    dist: _Dist,
-    dev: torch.device,
-    autocast: contextlib.AbstractContextManager[Any],
-    batch_size: int,
     num_workers: int,
     skip_bad_images: bool,
-    progress: ProgressFn | None,
     states: bool,
 ) -> dict[int, str]:
     """Encode this rank's shard of the gallery that the store does not hold yet; returns {index: error} skipped.
@@ -503,20 +408,20 @@ def _encode_gallery(
     `embed`, so a run without re-ranking does not fill the disk with match states it never reads.
     """
     store.scan()
-    mine = dist.shard(len(gallery))
+    mine = run.dist.shard(len(gallery))
     todo = [i for i in mine if not store.has(keys[i], complete=states)]
     cached = len(mine) - len(todo)
     total = len(mine)
-    if progress:
-        progress(InferProgress("images", cached, total, 0.0, cached))
+    if run.progress:
+        run.progress(InferProgress("images", cached, total, 0.0, cached))
     if not todo:
         return {}
     dataset = GalleryDataset(
         [gallery[i].path for i in todo],
-        model.image_preprocessor,
+        run.model.image_preprocessor,
         [poses[i] for i in todo] if poses is not None else None,
     )
-    loader = gallery_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    loader = gallery_loader(dataset, run.batch_size, num_workers, pin_memory=run.dev.type == "cuda")
     bad: dict[int, str] = {}
     done, encoded, t0 = cached, 0, time.perf_counter()
     with _loader_iter(loader) as batches:
@@ -526,48 +431,72 @@ def _encode_gallery(
                     raise bad_image_error(msg)
                 bad[todo[j]] = msg
             if batch.indices:
-                with torch.inference_mode(), autocast:
-                    feats = model.encode_images(_to_device(batch.features, dev))
-                feats = _to_cpu(feats)
+                feats = encode_image_batch(run.model, batch.features, run.dev, run.autocast)
                 complete = states or set(feats) == {"embed"}
                 kept = feats if complete else {"embed": feats["embed"]}
                 store.write_chunk([keys[todo[j]] for j in batch.indices], kept, complete=complete)
                 encoded += len(batch.indices)
             done += len(batch)
-            if progress:
-                progress(InferProgress("images", done, total, encoded / max(time.perf_counter() - t0, 1e-9), cached))
+            if run.progress:
+                rate = encoded / max(time.perf_counter() - t0, 1e-9)
+                run.progress(InferProgress("images", done, total, rate, cached))
     return bad
 
 
-def _encode_texts(
+def encode_images_in_memory(
+    model: RetrievalModel,
+    paths: Sequence[Path],
+    poses: Sequence[Path] | None,
+    dev: torch.device,
+    autocast: Autocast,
+    batch_size: int,
+    num_workers: int = 0,
+) -> Features:
+    """Every image's features (all keys `encode_images` returns), rows in `paths` order, on the CPU.
+
+    The engine's decoding and per-batch encoding without the feature store, for galleries that fit in memory (the
+    trainer's evaluation split). An unreadable image raises the engine's error.
+    """
+    loader = gallery_loader(GalleryDataset(list(paths), model.image_preprocessor, poses), batch_size, num_workers)
+    parts: list[Features] = []
+    with _loader_iter(loader) as batches:
+        for batch in batches:
+            if batch.errors:
+                raise bad_image_error(batch.errors[0][1])
+            parts.append(encode_image_batch(model, batch.features, dev, autocast))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def encode_texts(
     model: RetrievalModel,
     captions: list[str],
     dev: torch.device,
-    autocast: contextlib.AbstractContextManager[Any],
+    autocast: Autocast,
     batch_size: int,
-    progress: ProgressFn | None,
-    total_all: int,
+    progress: ProgressFn | None = None,
 ) -> Features:
     """Tokenize + encode captions in batches; returns the tokens merged with the encodings, on CPU."""
     parts: list[Features] = []
     t0 = time.perf_counter()
     for s in range(0, len(captions), batch_size):
         tokens = model.tokenize(captions[s : s + batch_size])
-        with torch.inference_mode(), autocast:
-            enc = model.encode_texts(_to_device(tokens, dev))
-        parts.append({**{k: v.detach().to("cpu") for k, v in tokens.items()}, **_to_cpu(enc)})
+        with torch.inference_mode(), autocast():
+            enc = model.encode_texts(to_device(tokens, dev))
+        parts.append({**{k: v.detach().to("cpu") for k, v in tokens.items()}, **to_cpu(enc)})
         if progress:
             n = s + len(captions[s : s + batch_size])
             progress(InferProgress("texts", n, len(captions), n / max(time.perf_counter() - t0, 1e-9)))
     if not parts:  # this rank got no queries (more ranks than queries)
         probe = model.tokenize(["x"])
-        with torch.inference_mode(), autocast:
-            enc = _to_cpu(model.encode_texts(_to_device(probe, dev)))
+        with torch.inference_mode(), autocast():
+            enc = to_cpu(model.encode_texts(to_device(probe, dev)))
         return {k: v[:0] for k, v in {**probe, **enc}.items()}
     return {k: _cat_padded([p[k] for p in parts]) for k in parts[0]}
 
 
-def _similarity(model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def similarity_matrix(
+    model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device
+) -> torch.Tensor:
     """[Q, G] = model.similarity in gallery blocks, so token-level similarities stay within a memory budget."""
     # The intermediate per image is [Q, tokens] (tokens = 1 for one vector per image, 32 for BLIP-2's queries).
     tokens = image[0].numel() // image.shape[-1] if len(image) else 1
@@ -581,6 +510,17 @@ def _similarity(model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, 
     return torch.cat(cols, dim=1) if cols else torch.empty(text.shape[0], 0)
 
 
+def top_similarity(
+    model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's top-k of `similarity_matrix` (same blocks, same values) without holding [Q, G] (`tpas.topk`)."""
+    tokens = image[0].numel() // image.shape[-1] if len(image) else 1
+    block = max(1, _SIM_BLOCK_ELEMS // (max(1, tokens) * max(1, text.shape[0])))
+    t = text.to(dev)
+    with torch.inference_mode():
+        return topk_similarity(t, image, k, lambda q, g: model.similarity(q, g.to(dev)).float().cpu(), block)
+
+
 def _fill_columns(scores: torch.Tensor, cols: list[int], n: int) -> torch.Tensor:
     """Place [Q, len(cols)] scores at columns `cols` of a [Q, n] matrix; other columns get each row's minimum."""
     if len(cols) == n:
@@ -591,52 +531,83 @@ def _fill_columns(scores: torch.Tensor, cols: list[int], n: int) -> torch.Tensor
     return full
 
 
-def _rerank(
-    model: RetrievalModel,
+def _score_queries(
+    run: _Run,
     store: FeatureStore,
     keys: list[str],
-    text: Features,
-    first: torch.Tensor,
-    k: int,
-    dev: torch.device,
-    autocast: contextlib.AbstractContextManager[Any],
-    batch_size: int,
-    progress: ProgressFn | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Match scores of each row's top-k of `first`.
-
-    Returns the filled [q, G] matrix (every other cell gets the row minimum of the k scores), the top-k columns
-    [q, k] and their match scores [q, k].
-    """
-    from ..ranking import topk_stable
-
-    q = first.shape[0]
-    out = torch.empty(q, first.shape[1])
-    if q == 0:
-        return out, torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
-    top = topk_stable(first, k)  # [q, k] gallery columns
-    rows = torch.arange(q).repeat_interleave(k)
-    cols = top.reshape(-1)
-    # Pairs ordered by image, so a batch reads few images (and few chunks) from the store.
-    order = torch.argsort(cols * q + rows)
-    rows, cols = rows[order], cols[order]
-    scores = torch.empty(len(rows))
+    good: list[int],
+    captions: list[str],
+    rerank_k: int | None,
+    first: torch.Tensor | None,
+    keep_top: int | None = None,
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], Reranked | None]:
+    """This rank's ITC rows [q, G] (with `keep_top`: their top-K (indices, values)) and, with `rerank_k`, their
+    re-rank (of `first` when given, else of the ITC)."""
+    n = len(keys)
+    image_embed = store.load([keys[i] for i in good], names=["embed"])["embed"]
+    text = encode_texts(run.model, captions, run.dev, run.autocast, run.batch_size, run.progress)
+    if keep_top is not None:
+        idx, vals = top_similarity(run.model, text["embed"], image_embed, run.dev, keep_top)
+        return (torch.tensor(good, dtype=torch.long)[idx], vals), None  # unreadable images are simply not kept
+    itc = _fill_columns(similarity_matrix(run.model, text["embed"], image_embed, run.dev), good, n)
+    if rerank_k is None:
+        return itc, None
+    # Cells a top-K candidates matrix lacks rank below its kept cells but stay eligible (if skipped images leave a
+    # row short of k candidates); skipped images themselves can never be chosen (k <= readable images).
+    masked = (itc if first is None else first).nan_to_num(neginf=torch.finfo(torch.float32).min)
+    if len(good) < n:
+        skipped = sorted(set(range(n)) - set(good))
+        masked[:, skipped] = float("-inf")
     t0 = time.perf_counter()
-    for s in range(0, len(rows), batch_size):
-        r, c = rows[s : s + batch_size], cols[s : s + batch_size]
-        uniq, inverse = torch.unique(c, return_inverse=True)
-        images = store.load([keys[int(g)] for g in uniq])
-        image_pairs = {name: v[inverse] for name, v in images.items()}
-        text_pairs = {name: v[r] for name, v in text.items()}
-        with torch.inference_mode(), autocast:
-            m = model.match(_to_device(text_pairs, dev), _to_device(image_pairs, dev))
-        scores[s : s + len(r)] = m.detach().float().cpu().reshape(-1)
-        if progress:
-            n = s + len(r)
-            progress(InferProgress("rerank", n, len(rows), n / max(time.perf_counter() - t0, 1e-9)))
-    matched = torch.empty(q * k)
-    matched[order] = scores  # back to (row, rank) order
-    matched = matched.view(q, k)
-    out[:] = matched.min(dim=1, keepdim=True).values
-    out.scatter_(1, top, matched)
-    return out, top, matched
+
+    def report(done: int, total: int) -> None:
+        if run.progress:
+            run.progress(InferProgress("rerank", done, total, done / max(time.perf_counter() - t0, 1e-9)))
+
+    def images(cols: torch.Tensor) -> Features:
+        return store.load([keys[int(g)] for g in cols])
+
+    k = min(rerank_k, len(good))
+    return itc, rerank_topk(run.model, images, text, masked, k, run.dev, run.autocast, run.batch_size, report)
+
+
+def _matrices(
+    model: RetrievalModel,
+    parts: list[tuple[torch.Tensor, Reranked | None]],
+    query_ids: list[str],
+    gallery_ids: list[str],
+    meta: dict[str, Any],
+) -> tuple[SimsMatrix, SimsMatrix | None, SimsMatrix | None]:
+    """(result, itc, raw itm) from every rank's rows: the ITC matrix alone, or the re-ranked one with both others."""
+    base = {k: v for k, v in meta.items() if k not in ("rerank_k", "itc_file", "candidates")}
+    itc_source = f"{model.family}-itc" if model.has_match_head else model.family
+    if isinstance(parts[0][0], tuple):  # keep_top: each rank's (indices, values)
+        form = {"indices": torch.cat([p[0][0] for p in parts]), "values": torch.cat([p[0][1] for p in parts])}
+        return SimsMatrix(query_ids, gallery_ids, **form, source=itc_source, meta=base), None, None
+    itc_all = torch.cat([p[0] for p in parts])
+    itc_m = SimsMatrix(query_ids, gallery_ids, scores=itc_all, source=itc_source, meta=base)
+    if "rerank_k" not in meta:
+        return itc_m, None, None
+    reranked = [p[1] for p in parts if p[1] is not None]
+    # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
+    filled = torch.cat([r.filled for r in reranked])
+    final = model.finalize_rerank(filled, itc_all).float().cpu()
+    result = SimsMatrix(query_ids, gallery_ids, scores=final, source=f"{model.family}-itm", meta=dict(meta))
+    itm_m = SimsMatrix(
+        query_ids,
+        gallery_ids,
+        indices=torch.cat([r.top for r in reranked]),
+        values=torch.cat([r.scores for r in reranked]).float(),
+        source=f"{model.family}-itm-raw",
+        meta=dict(meta, fill="unscored"),
+    )
+    return result, itc_m, itm_m
+
+
+def _save(matrices: tuple[SimsMatrix, SimsMatrix | None, SimsMatrix | None], out: Path) -> None:
+    """Write the result to `out`; a re-ranked run's ITC and raw ITM files first, so a finished `out` has them."""
+    result, itc_m, itm_m = matrices
+    if itc_m is not None and itm_m is not None:
+        itc_m.save(itc_path_for(out))
+        itm_m.save(itm_path_for(out))
+    result.save(out)

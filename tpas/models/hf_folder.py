@@ -111,13 +111,17 @@ def load_weights(
     TpasInputError when any weight of the model is missing from the files (transformers would initialise it randomly)
     or an unused tensor is not one of `allow_unused` (prefixes)."""
     import torch
+    from safetensors import SafetensorError
 
+    from .checkpoint import check_weight_files
+
+    check_weight_files(path)
     try:
         with quiet_transformers():
             model, info = auto_cls.from_pretrained(
                 str(path), local_files_only=True, dtype=dtype or torch.float32, output_loading_info=True, **kwargs
             )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a damaged weight file
         raise TpasInputError(f"weights do not load ({' '.join(str(e).split())[:300]})", path) from None
     missing = sorted(info.get("missing_keys") or [])
     unused = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(allow_unused))

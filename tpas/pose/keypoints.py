@@ -40,10 +40,21 @@ def coco17_to_coco18(kp17: np.ndarray) -> np.ndarray:
     return out
 
 
-def _person_from_flat(values: Any, path: Path, where: str) -> np.ndarray:
+def _finite_array(values: Any, path: Path, where: str, what: str) -> np.ndarray:
+    """A JSON list of numbers as float32; TpasInputError for anything else, or for a value float32 cannot hold."""
     if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-        raise TpasInputError("pose_keypoints_2d must be a list of numbers", path, where)
-    arr = np.asarray(values, dtype=np.float32)
+        raise TpasInputError(f"{what} must be a list of numbers", path, where)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range
+        arr = np.array([np.inf])
+    if not np.isfinite(arr).all() or (np.abs(arr) > np.finfo(np.float32).max).any():
+        raise TpasInputError(f"{what} holds a value that is not a finite number", path, where)
+    return arr.astype(np.float32)
+
+
+def _person_from_flat(values: Any, path: Path, where: str) -> np.ndarray:
+    arr = _finite_array(values, path, where, "pose_keypoints_2d")
     if arr.size == 54:
         return arr.reshape(18, 3)
     if arr.size == 75:
@@ -61,6 +72,8 @@ def _read_json(path: Path, kind: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TpasInputError(f"not a readable {kind} keypoint JSON ({e})", path) from None
+    except RecursionError:  # json.loads gives up on deep nesting with RecursionError, not JSONDecodeError
+        raise TpasInputError(f"not a readable {kind} keypoint JSON (nested too deeply)", path) from None
 
 
 def read_openpose_json(path: str | Path) -> np.ndarray:
@@ -87,23 +100,34 @@ def read_coco_keypoints(path: str | Path) -> dict[str, np.ndarray]:
     data = _read_json(path, "COCO")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise TpasInputError('expected a COCO object with "images" and "annotations" lists', path)
-    names: dict[Any, str] = {}
+    names: dict[int | str, str] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            raise TpasInputError('image entry needs "id" and "file_name"', path, f"images[{i}]")
-        names[img["id"]] = Path(img["file_name"]).with_suffix("").as_posix()
+        file_name = img.get("file_name") if isinstance(img, dict) else None
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(file_name, str):
+            raise TpasInputError('image entry needs "id" (a number or string) and "file_name"', path, f"images[{i}]")
+        if Path(file_name).name in ("", ".", ".."):
+            raise TpasInputError(f"file_name {file_name!r} names no file", path, f"images[{i}]")
+        names[img["id"]] = Path(file_name).with_suffix("").as_posix()
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise TpasInputError('"annotations" must be a list', path)
     people: dict[str, list[np.ndarray]] = {n: [] for n in names.values()}
-    for i, ann in enumerate(data.get("annotations", [])):
+    for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
-        if not isinstance(ann, dict) or ann.get("image_id") not in names:
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or ann["image_id"] not in names:
             raise TpasInputError("annotation refers to no listed image", path, where)
         kp = ann.get("keypoints")
         if not isinstance(kp, list) or len(kp) != 51:
             raise TpasInputError("keypoints must be 51 numbers (17 x (x, y, v))", path, where)
-        arr = np.asarray(kp, dtype=np.float32).reshape(17, 3)
+        arr = _finite_array(kp, path, where, "keypoints").reshape(17, 3)
         arr[:, 2] = (arr[:, 2] > 0).astype(np.float32)
         people[names[ann["image_id"]]].append(coco17_to_coco18(arr))
     return {k: np.stack(v) if v else np.zeros((0, 18, 3), dtype=np.float32) for k, v in people.items()}
+
+
+def _is_id(v: Any) -> bool:
+    """COCO ids are numbers (strings from some exporters); anything else cannot key the image table."""
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
 def load_keypoints(source: str | Path) -> dict[str, np.ndarray]:
@@ -120,10 +144,7 @@ def load_keypoints(source: str | Path) -> dict[str, np.ndarray]:
         return out
     if not source.is_file():
         raise TpasInputError("keypoint file or folder not found", source)
-    try:
-        head = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TpasInputError(f"not a readable keypoint JSON ({e})", source) from None
+    head = _read_json(source, "OpenPose or COCO")
     if isinstance(head, dict) and "people" in head:
         name = source.name
         key = name[: -len(OPENPOSE_SUFFIX)] if name.endswith(OPENPOSE_SUFFIX) else source.stem

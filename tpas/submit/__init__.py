@@ -1,6 +1,7 @@
-"""Leaderboard files: the ranking-file writer and its validator."""
+"""Leaderboard files: the ranking-file writer, its validator, and the validated submission of a matrix."""
 
 from .ranking_file import ANSWER_NAME, check_ids, top_gallery_ids, write_ranking_file
+from .submission import write_submission
 from .validate import Problem, ValidationReport, validate_answer
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "top_gallery_ids",
     "validate_answer",
     "write_ranking_file",
+    "write_submission",
 ]

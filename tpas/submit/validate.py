@@ -52,6 +52,10 @@ class ValidationReport:
             raise TpasInputError(p.message, self.path, None if p.line is None else f"line {p.line}")
 
 
+# A ranking file of the largest benchmark is a few MB; a zip member that inflates past this is not one (a zip bomb).
+MAX_ANSWER_BYTES = 256 << 20
+
+
 def _read_answer_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise TpasInputError("file not found", path)
@@ -61,10 +65,19 @@ def _read_answer_bytes(path: Path) -> bytes:
                 names = [n for n in z.namelist() if not n.endswith("/")]
                 if names != [ANSWER_NAME]:
                     raise TpasInputError(f"a submission zip must hold exactly {ANSWER_NAME!r}, found {names}", path)
-                return z.read(ANSWER_NAME)
-        except zipfile.BadZipFile as e:
-            raise TpasInputError(f"not a valid zip file ({e})", path) from None
-    return path.read_bytes()
+                with z.open(ANSWER_NAME) as member:
+                    data = member.read(MAX_ANSWER_BYTES + 1)
+        except TpasInputError:
+            raise
+        except Exception as e:  # zipfile fails in many ways on a damaged archive (OSError, EOFError, zlib.error, ...)
+            raise TpasInputError(f"not a valid zip file ({type(e).__name__}: {e})", path) from None
+        if len(data) > MAX_ANSWER_BYTES:
+            raise TpasInputError(f"{ANSWER_NAME} inflates to more than {MAX_ANSWER_BYTES >> 20} MiB", path)
+        return data
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TpasInputError(f"cannot be read ({e.strerror})", path) from None
 
 
 def validate_answer(

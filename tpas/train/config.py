@@ -1,4 +1,4 @@
-"""Training configuration: YAML sections with defaults (= the CMP paper's recipe), `--set key=value` overrides.
+"""Training configuration: YAML sections with defaults (= the original CMP code's recipe), `--set key=value` overrides.
 
 Unknown keys are errors that name the key and the known ones, so a typo never silently trains with a default.
 Relative paths in the file are relative to the directory `tpas train` runs in (as in the original `run.py`).
@@ -41,7 +41,19 @@ DEFAULTS: dict[str, Any] = {
         "swin": None,  # or Swin-B weights (swin_base_patch4_window7_224_22k.pth) ...
         "bert": None,  # ... and bert-base-uncased weights (folder or file)
     },
-    "augment": {"hflip": 0.5, "randaug_n": 2, "randaug_m": 7, "random_erasing": 0.6, "eda": True, "eda_alpha": 0.1},
+    # Every default below is the original code's (Shuyu-XJTU/CMP configs/cmp.yaml, optim.py, scheduler.py, dataset/,
+    # models/); the opt-in alternatives are documented in the README ("Training CMP").
+    "augment": {
+        "hflip": 0.5,
+        "randaug_n": 0,  # RandAugment-style ops per image: none in the original (tpas's earlier recipe drew 2)
+        "randaug_m": 7,
+        "random_erasing": 0.6,
+        "erasing_area": [0.02, 0.4],
+        "erasing_aspect": 0.3,  # aspect ratio drawn uniformly from [0.3, 1 / 0.3]
+        "pose": "independent",  # independent (own flip + erasing, as the original) | follow-image
+        "eda": True,
+        "eda_alpha": 0.1,
+    },
     "masking": {
         "mask_prob": 0.25,
         "max_masks": 10,
@@ -50,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "whole_word": True,
         "mask_token_prob": 0.8,
         "random_token_prob": 0.1,
+        "candidates": "padded",  # padded (the original: any position of the padded ids) | caption
     },
     "loss": {
         "itc_label_smoothing": 0.2,
@@ -57,18 +70,21 @@ DEFAULTS: dict[str, Any] = {
         "eda": True,
         "ihnm": True,
         "itm_in_batch_negatives": True,
-        "temp_min": 0.001,
-        "temp_max": 0.5,
+        "itm_pooling": "paper",  # paper (in-batch mean + hard-negative mean) | pooled (one mean over all rows)
+        "itc_gradient": "paper",  # paper (the original's all-gather: 1/world_size under DDP) | global
+        "temp_clamp": None,  # null: never clamped (the original) | [0.001, 0.5]
     },
     "optim": {
         "lr": 1.0e-4,
-        "lr_end": 1.0e-5,
+        "lr_end": 0.0,
         "weight_decay": 0.01,
-        "betas": [0.9, 0.999],
+        "decay_rule": "name",  # name (the original's no-decay substrings) | ndim (decay tensors with >= 2 dims)
+        "betas": [0.9, 0.98],
         "eps": 1.0e-8,
         "lr_mult": 2.0,
         "new_param_patterns": PAPER_NEW_PARAM_PATTERNS,
         "warmup_steps": 500,
+        "schedule": "step",  # step (x1 / x0.5 / x0.2 until 4x / 7x warm-up / after) | linear
         "grad_clip": None,
     },
     "train": {
@@ -89,7 +105,7 @@ DEFAULTS: dict[str, Any] = {
         "every_epochs": 1,
         "batch_size": 64,
         "rerank_k": 0,  # > 0: also ITM re-rank each query's top-k (the paper's test uses 128)
-        "select_by": "mAP",  # metric that picks checkpoint_best.pth
+        "select_by": "R@1",  # metric that picks checkpoint_best.pth (the original keeps the best ITM R@1)
     },
     "output": {"dir": "output/cmp", "tensorboard": True},
 }

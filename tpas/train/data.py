@@ -3,13 +3,17 @@ caption and the MLM targets, with the recipe's augmentation.
 
 Every random choice of a sample (augmentation, EDA, masking) comes from a generator seeded by (seed, epoch, index), so
 a sample is the same whichever worker, rank or resumed run produces it. Augmentation is written with PIL and torch
-only (no compiled torchvision ops): resize, horizontal flip (image and pose map together), RandAugment-style ops
-(geometric ones applied identically to the pose map), random erasing (p 0.6) on the image.
+only (no compiled torchvision ops). The original code's transform (the default): resize to S x S (bicubic),
+horizontal flip (p 0.5), normalise, random erasing (p 0.6, area 2-40 %, aspect uniform in [0.3, 1/0.3], value 0),
+and no RandAugment; every image, hard image and pose map gets its own draw of it (`pose: independent`). Opt-in:
+RandAugment-style ops (`randaug_n` > 0) and pose maps that follow their image's flip and geometric ops and are never
+erased (`pose: follow-image`).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +23,39 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from ..data.pab import TestRecord, TrainRecord
+from ..data.pab import TrainRecord
 from ..errors import TpasInputError
+from ..models.cmp.text import clean_caption
 from .masking import MaskingConfig, mask_tokens
 from .text_aug import eda
+
+POSE_MODES = ("independent", "follow-image")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Image/text augmentation of the training set (defaults = the CMP recipe)."""
+    """Image/text augmentation of the training set (defaults = the original code's transform)."""
 
     hflip: float = 0.5
-    randaug_n: int = 2  # ops drawn per image
+    randaug_n: int = 0  # RandAugment-style ops drawn per image (0: none, as the original)
     randaug_m: int = 7  # magnitude 0..10
-    random_erasing: float = 0.6
+    random_erasing: float = 0.6  # probability
+    erasing_area: tuple[float, float] = (0.02, 0.4)  # erased fraction of the image, drawn uniformly
+    erasing_aspect: float = 0.3  # erased rectangle's height/width drawn uniformly from [a, 1/a]
+    pose: str = "independent"  # independent | follow-image (see the module docstring)
     eda: bool = True
     eda_alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.pose not in POSE_MODES:
+            raise TpasInputError(f"augment.pose {self.pose!r}; expected one of {', '.join(POSE_MODES)}")
+        lo, hi = (float(v) for v in self.erasing_area)
+        if not 0 < lo <= hi < 1:
+            raise TpasInputError(f"augment.erasing_area must be [min, max] with 0 < min <= max < 1, not [{lo}, {hi}]")
+        if not 0 < self.erasing_aspect <= 1:
+            raise TpasInputError(f"augment.erasing_aspect must be in (0, 1] (the range is [a, 1/a]), not "
+                                 f"{self.erasing_aspect}")  # fmt: skip
+        object.__setattr__(self, "erasing_area", (lo, hi))
 
 
 def load_rgb(path: Path, where: str = "") -> Image.Image:
@@ -55,10 +76,12 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 
 
 class TrainTransform:
-    """Resize, flip, RandAugment-style ops, normalise, random erasing; pose maps follow every geometric change."""
+    """Resize, flip, optional RandAugment-style ops, normalise, random erasing (see the module docstring)."""
 
     COLOUR_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "contrast")
     GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+    # Tries to place a rectangle inside the image before giving up on erasing it (the original's count).
+    ERASING_TRIES = 100
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], cfg: AugmentConfig) -> None:
         self.size, self.mean, self.std, self.cfg = size, tuple(mean), tuple(std), cfg
@@ -89,12 +112,14 @@ class TrainTransform:
             return ImageEnhance.Contrast(img).enhance(1 + 0.9 * v)
         return img
 
-    def _erase(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Random erasing (scale 0.02-0.33 of the area, aspect 0.3-3.3, value 0), as torchvision's defaults."""
+    def erase(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """Zero one random rectangle of `x` [C, H, W] in place (area and aspect drawn uniformly, as the original)."""
         _, h, w = x.shape
-        for _ in range(10):
-            area = h * w * rng.uniform(0.02, 0.33)
-            ratio = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+        lo, hi = self.cfg.erasing_area
+        a = self.cfg.erasing_aspect
+        for _ in range(self.ERASING_TRIES):
+            area = h * w * rng.uniform(lo, hi)
+            ratio = rng.uniform(a, 1 / a)
             eh, ew = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
             if eh < h and ew < w:
                 top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
@@ -102,16 +127,16 @@ class TrainTransform:
                 return x
         return x
 
-    def __call__(
-        self, image: Image.Image, pose: Image.Image | None, rng: random.Random
+    def _augment(
+        self, image: Image.Image, rng: random.Random, fill: tuple[int, int, int], follower: Image.Image | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Augment one image (and its pose map with the same geometry) -> normalised tensors [3, S, S]."""
+        """One draw of the transform for `image`; `follower` (a pose map) takes its flip and geometric ops only."""
         s = self.size
         image = image.resize((s, s), Image.BICUBIC)
-        pose = None if pose is None else pose.resize((s, s), Image.BICUBIC)
+        follower = None if follower is None else follower.resize((s, s), Image.BICUBIC)
         if rng.random() < self.cfg.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            pose = None if pose is None else pose.transpose(Image.FLIP_LEFT_RIGHT)
+            follower = None if follower is None else follower.transpose(Image.FLIP_LEFT_RIGHT)
         ops = self.COLOUR_OPS + self.GEOMETRIC_OPS
         for _ in range(self.cfg.randaug_n):
             op = ops[rng.randrange(len(ops))]
@@ -119,14 +144,23 @@ class TrainTransform:
                 continue
             v = self.cfg.randaug_m / 10.0 * (1 if rng.random() < 0.5 else -1)
             if op in self.GEOMETRIC_OPS:
-                image = self._geometric(image, op, v, (128, 128, 128))
-                pose = None if pose is None else self._geometric(pose, op, v, (0, 0, 0))
+                image = self._geometric(image, op, v, fill)
+                follower = None if follower is None else self._geometric(follower, op, v, (0, 0, 0))
             else:
                 image = self._colour(image, op, v)
         x = to_tensor(image, self.mean, self.std)
         if rng.random() < self.cfg.random_erasing:
-            x = self._erase(x, rng)
-        return x, None if pose is None else to_tensor(pose, self.mean, self.std)
+            x = self.erase(x, rng)
+        return x, None if follower is None else to_tensor(follower, self.mean, self.std)
+
+    def __call__(
+        self, image: Image.Image, pose: Image.Image | None, rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment one image and its pose map -> normalised tensors [3, S, S] (pose per `cfg.pose`)."""
+        if self.cfg.pose == "follow-image":
+            return self._augment(image, rng, (128, 128, 128), follower=pose)
+        x, _ = self._augment(image, rng, (128, 128, 128))
+        return x, None if pose is None else self._augment(pose, rng, (0, 0, 0))[0]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -195,8 +229,11 @@ class CMPTrainDataset(torch.utils.data.Dataset):
         else:
             hard_image, hard_pose = torch.zeros_like(image), None if pose is None else torch.zeros_like(pose)
             hard_caption = r.caption
-        eda_caption = eda(r.caption, rng, self.transform.cfg.eda_alpha) if self.transform.cfg.eda else r.caption
         try:
+            eda_caption = r.caption
+            if self.transform.cfg.eda:
+                # As the original: EDA on the cleaned caption (all of it), then the tokenizer cuts to max_words.
+                eda_caption = eda(clean_caption(r.caption, max_words=sys.maxsize), rng, self.transform.cfg.eda_alpha)
             tok = self.tokenizer([r.caption, hard_caption, eda_caption])
         except ValueError as e:
             raise TpasInputError(f"caption cannot be used ({e})", None, where) from None
@@ -231,23 +268,3 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             out["pose"] = pose
             out["hard_pose"] = hard_pose  # type: ignore[assignment]
         return out
-
-
-class EvalImages(torch.utils.data.Dataset):
-    """Images (and pose maps) of an evaluation annotation with the model's test-time preprocessing."""
-
-    def __init__(self, records: Sequence[TestRecord], root: str | Path, preprocess: Any, pose: bool) -> None:
-        self.records = list(records)
-        self.root = Path(root)
-        self.preprocess = preprocess
-        self.pose = pose
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        r = self.records[index]
-        where = f"record {index} (image_id {r.image_id})"
-        image = load_rgb(self.root / r.image, where)
-        pose = load_rgb(self.root / "pose" / r.image, where) if self.pose else None
-        return self.preprocess(image, pose)

@@ -3,7 +3,15 @@ in-batch hard negatives, MLM, and the EDA caption view. Total = ITC + ITM + MLM.
 
 Normalisation is chosen so that, under DDP (which averages gradients over ranks), the gradient equals that of one
 process holding the whole global batch: per-row means over equal local batch sizes for ITC, and for ITM/MLM (whose
-row/token counts can differ per rank) the local sum divided by the global count / world size.
+row/token counts can differ per rank) the local sum divided by the global count / world size. The `paper` switches
+(defaults) reproduce the original code where it differs from that (docs: README "Training CMP"):
+
+- `itm_pooling: paper`: the in-batch matching loss is a mean over its 3B pairs and the identity hard-negative loss a
+  separate mean over its 2B pairs, added (`pooled`: one mean over all 5B rows).
+- `itc_gradient: paper`: the original's all-gather passes back only the gradient of this rank's own copy of the loss,
+  so after DDP's average the ITC gradient reaching the features (not the temperature) is 1/world_size of the global
+  batch's (`global`: exactly the global batch's). No difference on one process.
+- `temp_clamp: null`: the temperature is never clamped (`[0.001, 0.5]`: clamped before every step).
 """
 
 from __future__ import annotations
@@ -15,20 +23,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TpasInputError
 from . import distributed as dist_utils
+
+ITM_POOLINGS = ("paper", "pooled")
+ITC_GRADIENTS = ("paper", "global")
+# Added to the in-batch negatives' sampling weights before same-id pairs are zeroed (the original's constant).
+NEGATIVE_WEIGHT_FLOOR = 1e-5
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and switches (defaults = the CMP recipe)."""
+    """Loss weights and switches (defaults = the CMP recipe of the original code)."""
 
     itc_label_smoothing: float = 0.2
     eda_weight: float = 0.8  # weight of the EDA caption view's ITC and ITM terms
     eda: bool = True
     ihnm: bool = True  # the (image, hard_c) and (hard_i, caption) pairs as ITM negatives
     itm_in_batch_negatives: bool = True  # negatives sampled by ITC similarity within the local batch
-    temp_min: float = 0.001
-    temp_max: float = 0.5
+    itm_pooling: str = "paper"  # paper | pooled (see the module docstring)
+    itc_gradient: str = "paper"  # paper | global
+    temp_clamp: tuple[float, float] | None = None  # (min, max) applied to the temperature before every step
+
+    def __post_init__(self) -> None:
+        if self.itm_pooling not in ITM_POOLINGS:
+            raise TpasInputError(f"loss.itm_pooling {self.itm_pooling!r}; expected one of {', '.join(ITM_POOLINGS)}")
+        if self.itc_gradient not in ITC_GRADIENTS:
+            raise TpasInputError(f"loss.itc_gradient {self.itc_gradient!r}; expected one of {', '.join(ITC_GRADIENTS)}")
+        if self.temp_clamp is not None:
+            if len(self.temp_clamp) != 2 or not 0 < float(self.temp_clamp[0]) < float(self.temp_clamp[1]):
+                raise TpasInputError(f"loss.temp_clamp must be null or [min, max] with 0 < min < max, not "
+                                     f"{list(self.temp_clamp)!r}")  # fmt: skip
+            object.__setattr__(self, "temp_clamp", (float(self.temp_clamp[0]), float(self.temp_clamp[1])))
 
 
 def _global_mean_denominator(count: torch.Tensor) -> torch.Tensor:
@@ -68,15 +94,16 @@ def itc_loss(
 def sample_negatives(
     image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor, temp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In-batch hard negatives drawn with probability softmax(ITC similarity), never sharing the anchor's id.
+    """In-batch hard negatives drawn with weights softmax(ITC similarity) + 1e-5, never sharing the anchor's id.
 
     Returns (image index for each text, its validity, text index for each image, its validity): a row whose every
     other item shares its id has no negative and is marked invalid.
     """
     sim = image_feat.float() @ text_feat.float().T / temp
     same = idx.view(-1, 1) == idx.view(1, -1)
-    w_i2t = F.softmax(sim, dim=1).masked_fill(same, 0)
-    w_t2i = F.softmax(sim.T, dim=1).masked_fill(same, 0)
+    # The floor keeps every other-id item drawable even where softmax underflows (as the original code).
+    w_i2t = (F.softmax(sim, dim=1) + NEGATIVE_WEIGHT_FLOOR).masked_fill(same, 0)
+    w_t2i = (F.softmax(sim.T, dim=1) + NEGATIVE_WEIGHT_FLOOR).masked_fill(same, 0)
     valid_i2t = w_i2t.sum(1) > 0
     valid_t2i = w_t2i.sum(1) > 0
     # Rows without any candidate get uniform weights so multinomial is defined; they are dropped by the caller.
@@ -98,11 +125,14 @@ def itm_loss(
     *,
     in_batch_negatives: bool = True,
     hard: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    pooling: str = "paper",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Image-text matching: positives (label 1), in-batch hard negatives (label 0) and, with `hard` =
     (hard image tokens, hard text states, hard text mask, valid [B] bool), the IHNM pairs (image, hard caption) and
-    (hard image, caption), both labelled 0. One cross-entropy over all pairs, one batched cross-encoder pass.
+    (hard image, caption), both labelled 0. One batched cross-encoder pass over all pairs.
 
+    `pooling="paper"`: mean cross-entropy over the in-batch rows (positives + negatives) plus a separate mean over
+    the IHNM rows; `"pooled"`: one mean over all rows. Rows without a valid pair are dropped from their mean.
     Returns the loss and detached statistics (accuracy on positives / negatives).
     """
     b = image_tokens.shape[0]
@@ -118,6 +148,7 @@ def itm_loss(
         images += [image_tokens[neg_img], image_tokens]
         labels += [torch.zeros_like(labels[0])] * 2
         keep += [ok_t, ok_i]
+    in_batch_rows = sum(len(k) for k in keep)
     if hard is not None:
         hard_tokens, hard_states, hard_mask, valid = hard
         texts += [hard_states, text_states]
@@ -129,8 +160,12 @@ def itm_loss(
     logits = model.itm_logits(cls).float()
     y = torch.cat(labels)
     k = torch.cat(keep).float()
-    per_row = F.cross_entropy(logits, y, reduction="none")
-    loss = (per_row * k).sum() / _global_mean_denominator(k.sum())
+    per_row = F.cross_entropy(logits, y, reduction="none") * k
+    if pooling == "pooled" or hard is None:
+        loss = per_row.sum() / _global_mean_denominator(k.sum())
+    else:
+        parts = (slice(0, in_batch_rows), slice(in_batch_rows, None))
+        loss = sum(per_row[p].sum() / _global_mean_denominator(k[p].sum()) for p in parts)
     with torch.no_grad():
         pred = logits.argmax(1)
         pos = (y == 1) & k.bool()
@@ -157,11 +192,19 @@ def mlm_loss(
     return total / _global_mean_denominator((labels != -100).sum())
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` unchanged in value, with its gradient multiplied by `scale` on the way back."""
+    if scale == 1.0:
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
+
+
 def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Every CMP loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share), plus the
     parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for logging."""
-    with torch.no_grad():
-        model.temp.clamp_(cfg.temp_min, cfg.temp_max)
+    if cfg.temp_clamp is not None:
+        with torch.no_grad():
+            model.temp.clamp_(*cfg.temp_clamp)
     pose_aware = bool(model.config.pose)
     image_tokens = model.encode_image_tokens(batch["image"], batch.get("pose") if pose_aware else None)
     image_feat = model.image_feat(image_tokens)
@@ -170,7 +213,11 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
     idx = batch["idx"]
 
     out: dict[str, torch.Tensor] = {}
-    out["itc_main"] = itc_loss(image_feat, text_feat, idx, model.temp, cfg.itc_label_smoothing)
+    itc_scale = 1.0 / dist_utils.world_size() if cfg.itc_gradient == "paper" else 1.0
+    itc_image = scale_gradient(image_feat, itc_scale)
+    out["itc_main"] = itc_loss(
+        itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
+    )
 
     hard = None
     if cfg.ihnm:
@@ -188,6 +235,7 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
         idx,
         in_batch_negatives=cfg.itm_in_batch_negatives,
         hard=hard,
+        pooling=cfg.itm_pooling,
     )
     out["itm_main"] = itm_main
     out.update(stats)
@@ -198,7 +246,8 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
     if cfg.eda:
         eda_states = model.encode_text_tokens(batch["eda_ids"], batch["eda_mask"])
         eda_feat = model.text_feat(eda_states)
-        out["itc_eda"] = itc_loss(image_feat, eda_feat, idx, model.temp, cfg.itc_label_smoothing)
+        eda_itc_feat = scale_gradient(eda_feat, itc_scale)
+        out["itc_eda"] = itc_loss(itc_image, eda_itc_feat, idx, model.temp, cfg.itc_label_smoothing)
         out["itm_eda"], _ = itm_loss(
             model,
             image_tokens,

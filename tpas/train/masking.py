@@ -1,9 +1,18 @@
 """Masked-language-modelling targets as the CMP/APTM recipe builds them.
 
-Per caption: mask 25% of the real tokens (never [CLS]/[SEP]/[PAD]), at most 10; pick start positions at random and,
-with probability 0.2, grow a skip-gram span of 2..3 tokens from there; extend every span to whole words (a WordPiece
-`##` piece is never masked without the rest of its word); then each chosen position becomes [MASK] (80%), a random
-token (10%) or stays (10%). The model predicts the original ids at the chosen positions.
+Two ways to choose the positions (`MaskingConfig.candidates`):
+
+- `padded` (the original code's generator, the default): it runs on the ids padded to `max_tokens`, so the number of
+  masks is 25% of the padded length (at most 10: with 56 tokens always 10) and every position after [CLS] can be
+  chosen, [SEP] and [PAD] included (the model then learns to predict them). Start positions are drawn in random
+  order; with probability 0.2 a start opens a skip-gram span of 2..3 tokens; a span is widened to whole words (a
+  WordPiece `##` piece joins its word); if the spans overshoot, a random subset of the chosen positions is kept.
+  A random replacement may be any id of the vocabulary.
+- `caption`: only the caption's own tokens (never [CLS]/[SEP]/[PAD]), 25% of them, at most 10; a whole word that no
+  longer fits is skipped rather than cut; random replacements are never special tokens.
+
+Then each chosen position becomes [MASK] (80%), a random token (10%) or stays (10%); the model predicts the original
+ids at the chosen positions.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import TpasInputError
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,11 @@ class MaskingConfig:
     whole_word: bool = True
     mask_token_prob: float = 0.8  # [MASK]
     random_token_prob: float = 0.1  # a random token; the rest stay unchanged
+    candidates: str = "padded"  # padded (the original) | caption (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.candidates not in ("padded", "caption"):
+            raise TpasInputError(f"masking.candidates {self.candidates!r}; expected padded or caption")
 
 
 @dataclass(frozen=True)
@@ -56,25 +72,41 @@ def _word_spans(tokens: Sequence[str], candidates: list[int]) -> dict[int, tuple
     return spans
 
 
-def mask_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    tokens: Sequence[str],
-    rng: random.Random,
-    cfg: MaskingConfig,
-    *,
-    mask_token_id: int,
-    special_ids: Sequence[int],
-    vocab_size: int,
-) -> MaskedText:
-    """Mask one tokenized caption ([L] ids, [L] attention mask, its L WordPiece strings) -> MaskedText.
+def _choose_padded(tokens: Sequence[str], rng: random.Random, cfg: MaskingConfig) -> list[int]:
+    """The original generator's positions over the whole padded sequence (see the module docstring)."""
+    length = len(tokens)
+    n_pred = min(cfg.max_masks, max(1, round(length * cfg.mask_prob)))
+    order = list(range(1, length))
+    rng.shuffle(order)
+    chosen: set[int] = set()
+    for start in order:
+        if len(chosen) >= n_pred:
+            break
+        if start in chosen:
+            continue
+        end = start + 1
+        if cfg.skipgram_prob > 0 and cfg.skipgram_size >= 2 and rng.random() < cfg.skipgram_prob:
+            end = start + rng.randint(2, cfg.skipgram_size)
+        if cfg.whole_word:
+            while start >= 0 and tokens[start].startswith("##"):
+                start -= 1
+            while end < length and tokens[end].startswith("##"):
+                end += 1
+        for p in range(start, end):
+            if not 0 < p < length:
+                break
+            chosen.add(p)
+    picked = sorted(chosen)
+    if len(picked) > n_pred:
+        rng.shuffle(picked)
+        picked = sorted(picked[:n_pred])
+    return picked
 
-    The random replacement draws from ids that are not special tokens. With `rng` seeded per sample, the result
-    does not depend on batch composition, worker or rank.
-    """
-    ids = input_ids.clone()
-    specials = set(int(s) for s in special_ids)
-    length = int(attention_mask.sum())
+
+def _choose_caption(
+    ids: torch.Tensor, length: int, tokens: Sequence[str], rng: random.Random, cfg: MaskingConfig, specials: set[int]
+) -> list[int]:
+    """Positions among the caption's own tokens, whole words that fit (see the module docstring)."""
     candidates = [i for i in range(length) if int(ids[i]) not in specials]
     n_pred = min(cfg.max_masks, max(1, round(length * cfg.mask_prob))) if candidates else 0
     spans = _word_spans(tokens, candidates) if cfg.whole_word else {i: (i, i + 1) for i in candidates}
@@ -101,7 +133,30 @@ def mask_tokens(
         for p in positions:
             chosen.append(p)
             chosen_set.add(p)
-    chosen = sorted(chosen[: cfg.max_masks])
+    return sorted(chosen[: cfg.max_masks])
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: Sequence[str],
+    rng: random.Random,
+    cfg: MaskingConfig,
+    *,
+    mask_token_id: int,
+    special_ids: Sequence[int],
+    vocab_size: int,
+) -> MaskedText:
+    """Mask one tokenized caption ([L] ids, [L] attention mask, its L WordPiece strings) -> MaskedText.
+
+    With `rng` seeded per sample, the result does not depend on batch composition, worker or rank.
+    """
+    ids = input_ids.clone()
+    specials = set(int(s) for s in special_ids)
+    if cfg.candidates == "padded":
+        chosen = _choose_padded(tokens, rng, cfg)
+    else:
+        chosen = _choose_caption(ids, int(attention_mask.sum()), tokens, rng, cfg, specials)
     originals = [int(ids[p]) for p in chosen]
     for p in chosen:
         r = rng.random()
@@ -109,7 +164,7 @@ def mask_tokens(
             ids[p] = mask_token_id
         elif r < cfg.mask_token_prob + cfg.random_token_prob:
             token = rng.randrange(vocab_size)
-            while token in specials:
+            while cfg.candidates == "caption" and token in specials:
                 token = rng.randrange(vocab_size)
             ids[p] = token
     pos = torch.zeros(cfg.max_masks, dtype=torch.long)

@@ -4,15 +4,49 @@ Layers [0, text_layers) are plain BERT layers (text mode); the next `fusion_laye
 block whose key/value read the image tokens (width vision_width -> text_width). transformers' BertLayer cannot take a
 different key/value width for cross-attention, so the layers are written here with the exact checkpoint names.
 Masks follow the reference: (1 - mask) * -10000 added to the attention scores; LayerNorm eps 1e-12; exact GELU.
+X-VLM and APTM (`tpas.models.xvlm`) build the same modules from their own config (any object with these fields).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CMPConfig
+
+class TextConfig(Protocol):
+    """The sizes the BERT modules read (CMPConfig and XVLMConfig both have them)."""
+
+    vocab_size: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    text_intermediate: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    pad_token_id: int
+    text_layer_norm_eps: float
+    hidden_dropout: float
+    attention_dropout: float
+
+    @property
+    def vision_width(self) -> int: ...
+
+    @property
+    def num_text_layers_total(self) -> int: ...
+
+
+def trim_trailing_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the positions after the batch's last real token from text states [N, L, D] and their mask [N, L].
+
+    Those [PAD]s are masked with -10000 (exp underflows to exactly 0), so nothing the fusion layers compute for the
+    real tokens depends on them: the same computation on fewer tokens.
+    """
+    used = mask.bool().any(dim=0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    return states[:, :n], mask[:, :n]
 
 
 def extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -23,7 +57,7 @@ def extended_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 class BertEmbeddings(nn.Module):
     """word + position + token-type (always 0) embeddings -> LayerNorm -> dropout."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.text_width, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.text_width)
@@ -44,7 +78,7 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
     """query from the hidden states; key/value from the hidden states or (cross) the image tokens."""
 
-    def __init__(self, cfg: CMPConfig, kv_width: int) -> None:
+    def __init__(self, cfg: TextConfig, kv_width: int) -> None:
         super().__init__()
         self.heads = cfg.text_heads
         self.query = nn.Linear(cfg.text_width, cfg.text_width)
@@ -70,7 +104,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     """dense -> dropout -> residual -> LayerNorm."""
 
-    def __init__(self, cfg: CMPConfig, in_width: int) -> None:
+    def __init__(self, cfg: TextConfig, in_width: int) -> None:
         super().__init__()
         self.dense = nn.Linear(in_width, cfg.text_width)
         self.LayerNorm = nn.LayerNorm(cfg.text_width, eps=cfg.text_layer_norm_eps)
@@ -83,7 +117,7 @@ class BertSelfOutput(nn.Module):
 class BertAttention(nn.Module):
     """`self` (attention) + `output` (projection, residual, LayerNorm): the checkpoint's nesting."""
 
-    def __init__(self, cfg: CMPConfig, kv_width: int) -> None:
+    def __init__(self, cfg: TextConfig, kv_width: int) -> None:
         super().__init__()
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertSelfOutput(cfg, cfg.text_width)
@@ -95,7 +129,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     """dense -> exact GELU."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.text_width, cfg.text_intermediate)
 
@@ -106,7 +140,7 @@ class BertIntermediate(nn.Module):
 class BertLayer(nn.Module):
     """Self-attention, (fusion layers only) cross-attention to the image tokens, feed-forward."""
 
-    def __init__(self, cfg: CMPConfig, cross: bool) -> None:
+    def __init__(self, cfg: TextConfig, cross: bool) -> None:
         super().__init__()
         self.attention = BertAttention(cfg, cfg.text_width)
         if cross:
@@ -132,7 +166,7 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     """`layer.0 ... layer.{n-1}`; text mode runs [0, text_layers), fusion mode the rest."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.text_layers = cfg.text_layers
         self.layer = nn.ModuleList(BertLayer(cfg, i >= cfg.text_layers) for i in range(cfg.num_text_layers_total))
@@ -141,7 +175,7 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """Embeddings + encoder (no pooler, as in the release)."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
@@ -176,7 +210,7 @@ class BertModel(nn.Module):
 class BertPredictionHeadTransform(nn.Module):
     """dense -> GELU -> LayerNorm."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.text_width, cfg.text_width)
         self.LayerNorm = nn.LayerNorm(cfg.text_width, eps=cfg.text_layer_norm_eps)
@@ -188,7 +222,7 @@ class BertPredictionHeadTransform(nn.Module):
 class BertLMPredictionHead(nn.Module):
     """transform -> decoder (weight tied to the word embeddings, bias tied to `bias`)."""
 
-    def __init__(self, cfg: CMPConfig, word_embeddings: nn.Embedding) -> None:
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         self.transform = BertPredictionHeadTransform(cfg)
         self.decoder = nn.Linear(cfg.text_width, cfg.vocab_size, bias=False)
@@ -204,7 +238,7 @@ class BertLMPredictionHead(nn.Module):
 class BertOnlyMLMHead(nn.Module):
     """`cls.predictions`."""
 
-    def __init__(self, cfg: CMPConfig, word_embeddings: nn.Embedding) -> None:
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         self.predictions = BertLMPredictionHead(cfg, word_embeddings)
 
@@ -215,7 +249,7 @@ class BertOnlyMLMHead(nn.Module):
 class BertForMaskedLM(nn.Module):
     """`text_encoder`: `bert` (text + fusion layers) and `cls` (MLM head)."""
 
-    def __init__(self, cfg: CMPConfig) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.bert = BertModel(cfg)
         self.cls = BertOnlyMLMHead(cfg, self.bert.embeddings.word_embeddings)

@@ -116,28 +116,7 @@ class CMPConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMPConfig:
         """Build from a dict such as `to_dict()` or a YAML file; unknown keys raise ValueError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown CMP config key(s): {', '.join(unknown)}; expected some of {', '.join(sorted(names))}"
-            )
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for k, v in data.items():
-            want = type(getattr(defaults, k))
-            if isinstance(v, list):
-                v = tuple(v)
-            # YAML 1.1 reads "1e-12" as a string and "4" where a float is meant as an int: coerce to the field type.
-            if want is float and isinstance(v, (int, str)) and not isinstance(v, bool):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise ValueError(f"{k} must be a number, got {v!r}") from None
-            if type(v) is not want and not (want is tuple and isinstance(v, tuple)):
-                raise ValueError(f"{k} must be {want.__name__}, got {v!r}")
-            values[k] = v
-        return cls(**values)
+        return cls(**typed_fields(cls, data, "CMP"))
 
     @classmethod
     def tiny(cls, **overrides: Any) -> CMPConfig:
@@ -172,7 +151,37 @@ class CMPConfig:
         return cls(**base)
 
 
-def _stage_window(table_rows: int) -> int:
+def typed_fields(cls: type, data: dict[str, Any], label: str) -> dict[str, Any]:
+    """Keyword arguments for the config dataclass `cls` from a dict or YAML mapping, each coerced to its field's type.
+
+    Unknown keys and wrong types raise ValueError naming them (`label` names the config: "CMP", "X-VLM").
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown {label} config key(s): {', '.join(unknown)}; expected some of {', '.join(sorted(names))}"
+        )
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for k, v in data.items():
+        want = type(getattr(defaults, k))
+        if isinstance(v, list):
+            v = tuple(v)
+        # YAML 1.1 reads "1e-12" as a string and "4" where a float is meant as an int: coerce to the field type.
+        if want is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"{k} must be a number, got {v!r}") from None
+        if type(v) is not want and not (want is tuple and isinstance(v, tuple)):
+            raise ValueError(f"{k} must be {want.__name__}, got {v!r}")
+        values[k] = v
+    return values
+
+
+def window_from_table(table_rows: int) -> int:
+    """Swin window size from the rows of a relative_position_bias_table ((2 * window - 1) ** 2)."""
     side = math.isqrt(table_rows)
     if side * side != table_rows or side % 2 == 0:
         raise ValueError(f"relative_position_bias_table with {table_rows} rows is not (2*window-1)**2")
@@ -192,7 +201,7 @@ def observed_image_size(state_dict: dict[str, torch.Tensor]) -> int | None:
     for k, v in sd.items():
         m = re.match(r"vision_encoder\.layers\.(\d+)\.blocks\.0\.attn\.relative_position_bias_table$", k)
         if m:
-            windows[int(m.group(1))] = _stage_window(v.shape[0])
+            windows[int(m.group(1))] = window_from_table(v.shape[0])
     masks = sorted(
         (int(m.group(1)), int(m.group(2)), k)
         for k in sd
@@ -236,7 +245,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], base: CMPConfig | None = N
     for i in range(n_stages):
         rows, h = shape(f"vision_encoder.layers.{i}.blocks.0.attn.relative_position_bias_table")
         heads.append(h)
-        windows.append(_stage_window(rows))
+        windows.append(window_from_table(rows))
     fc1 = shape("vision_encoder.layers.0.blocks.0.mlp.fc1.weight")[0]
     mlp_ratio = fc1 / embed
 

@@ -36,9 +36,9 @@ from torch import nn
 
 from ...errors import TpasInputError
 from ..base import TRUST_CHECKPOINT, VOCAB, Features, RetrievalModel
-from .bert import BertForMaskedLM
+from .bert import BertForMaskedLM, trim_trailing_padding
 from .config import CMPConfig, infer_config, observed_image_size
-from .swin import SwinEncoder, adaptive_pool_tokens
+from .swin import Size, SwinEncoder, adaptive_pool_tokens, as_hw
 from .text import CMPTokenizer, find_vocab
 
 
@@ -98,15 +98,17 @@ def feature_mapping(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
 @dataclass(frozen=True)
 class CMPPreprocess:
     """Test-time image transform of the reference: RGB, resize to size x size bicubic (aspect not kept), [0, 1],
-    normalise with the CLIP mean/std. Pose maps get the same transform. Picklable (runs in DataLoader workers)."""
+    normalise with the CLIP mean/std. Pose maps get the same transform. Picklable (runs in DataLoader workers).
+    `size` may be (height, width) (X-VLM and APTM share this transform)."""
 
-    size: int
+    size: Size
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     def image_tensor(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> normalised float tensor [3, size, size]."""
-        img = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        """One PIL image -> normalised float tensor [3, height, width]."""
+        h, w = as_hw(self.size)
+        img = image.convert("RGB").resize((w, h), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
@@ -303,32 +305,8 @@ class CMP(RetrievalModel):
         return model
 
     def load_cmp_state_dict(self, state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
-        """Strict load. Recomputable buffers (shifted-window attn_mask, relative_position_index, position_ids) are
-        accepted when present and filled from the model when absent; any other missing/unexpected key or shape
-        mismatch raises TpasInputError naming the first keys."""
-        own = self.state_dict()
-        recomputable = ("attn_mask", "relative_position_index", "position_ids")
-        state = dict(state)
-        for k, v in own.items():
-            if k not in state and k.rsplit(".", 1)[-1] in recomputable:
-                state[k] = v
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
-            raise TpasInputError(f"state dict does not match the CMP layout: {'; '.join(parts)}", path)
-        bad = [
-            f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-            for k, v in own.items()
-            if tuple(state[k].shape) != tuple(v.shape)
-        ]
-        if bad:
-            raise TpasInputError(f"state dict shapes differ from the CMP layout: {'; '.join(bad[:3])}", path)
-        self.load_state_dict(state, strict=True)
+        """Strict load (`load_state_dict_strict`): a missing/unexpected key or shape mismatch raises TpasInputError."""
+        load_state_dict_strict(self, state, path, "CMP")
 
     def describe(self) -> dict[str, Any]:
         """Architecture, preprocessing and checkpoint identity (SimsMatrix meta and feature-cache key)."""
@@ -392,17 +370,44 @@ class CMP(RetrievalModel):
     def match(self, text: Features, image: Features) -> torch.Tensor:
         """ITM match logits [N] for paired rows: itm_head(fusion CLS)[:, 1] (raw logit, as the reference)."""
         tokens = image["tokens"]
-        mask = text["attention_mask"]
-        # Positions after the batch's last real token are [PAD]s masked with -10000 (exp underflows to exactly 0),
-        # so the fusion CLS does not depend on them: dropping them is the same computation on fewer tokens.
-        used = mask.bool().any(dim=0).nonzero()
-        n = int(used.max()) + 1 if used.numel() else mask.shape[1]
-        cls = self.cross_cls(text["states"][:, :n].to(tokens.dtype), mask[:, :n], tokens)
+        states, mask = trim_trailing_padding(text["states"], text["attention_mask"])
+        cls = self.cross_cls(states.to(tokens.dtype), mask, tokens)
         return self.itm_logits(cls)[:, 1]
 
     def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
         """The reference's final score: global min-max of the filled ITM matrix + 0.002 x global min-max of ITC."""
         return cmp_final_scores(reranked, itc)
+
+
+def load_state_dict_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | Path | None = None, layout: str = "CMP"
+) -> None:
+    """Strict load into `model`. Recomputable buffers (shifted-window attn_mask, relative_position_index,
+    position_ids) are accepted when present and filled from the model when absent; any other missing/unexpected key
+    or shape mismatch raises TpasInputError naming the first keys and the `layout` expected."""
+    own = model.state_dict()
+    recomputable = ("attn_mask", "relative_position_index", "position_ids")
+    state = dict(state)
+    for k, v in own.items():
+        if k not in state and k.rsplit(".", 1)[-1] in recomputable:
+            state[k] = v
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
+        raise TpasInputError(f"state dict does not match the {layout} layout: {'; '.join(parts)}", path)
+    bad = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in own.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if bad:
+        raise TpasInputError(f"state dict shapes differ from the {layout} layout: {'; '.join(bad[:3])}", path)
+    model.load_state_dict(state, strict=True)
 
 
 def minmax_global(x: torch.Tensor) -> torch.Tensor:

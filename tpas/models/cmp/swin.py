@@ -2,7 +2,10 @@
 
 timm's current Swin puts each stage's patch merging at the start of the next stage (`layers.1.downsample`) and
 names differ, so the blocks are written here: `layers.i.downsample` ends stage i, exactly as in cmp.pth. Output: the
-final-normed patch tokens with their mean prepended as token 0 ([B, 1 + grid**2, width]).
+final-normed patch tokens with their mean prepended as token 0 ([B, 1 + grid_h * grid_w, width]).
+
+Inputs may be rectangular (APTM: 384 x 128): sizes are `int` (square) or `(height, width)`; a stage whose shorter
+side fits in one window uses that side as its window and does not shift, as in the original code.
 """
 
 from __future__ import annotations
@@ -10,6 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Size = int | tuple[int, int]
+
+
+def as_hw(size: Size) -> tuple[int, int]:
+    """(height, width) of a square side or an (h, w) pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class DropPath(nn.Module):
@@ -64,9 +74,9 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
 
 
-def shifted_window_mask(grid: int, window: int, shift: int) -> torch.Tensor:
+def shifted_window_mask(grid: Size, window: int, shift: int) -> torch.Tensor:
     """[nW, window**2, window**2] additive mask (0 within a region, -100 across) for cyclic-shifted windows."""
-    img = torch.zeros(1, grid, grid, 1)
+    img = torch.zeros(1, *as_hw(grid), 1)
     cnt = 0
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for hs in bounds:
@@ -107,14 +117,15 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """(Shifted-)window attention + MLP, pre-norm residual. Odd blocks shift unless the grid fits one window."""
+    """(Shifted-)window attention + MLP, pre-norm residual. Odd blocks shift unless the grid's shorter side fits in
+    one window."""
 
-    def __init__(self, dim: int, grid: int, heads: int, window: int, shift: int, mlp_ratio: float, drop_path: float):
+    def __init__(self, dim: int, grid: Size, heads: int, window: int, shift: int, mlp_ratio: float, drop_path: float):
         super().__init__()
-        self.grid = grid
-        if grid <= window:
-            # The whole grid is one window: no partition, no shift (stage 3 of Swin-B at 224 px).
-            window, shift = grid, 0
+        self.grid = as_hw(grid)
+        if min(self.grid) <= window:
+            # The shorter side is one window: no shift (stage 3 of Swin-B at 224 px; stages 2-3 of APTM at 384x128).
+            window, shift = min(self.grid), 0
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, heads)
@@ -126,32 +137,32 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
-        g, w, s = self.grid, self.window, self.shift
+        (gh, gw), w, s = self.grid, self.window, self.shift
         shortcut = x
-        x = self.norm1(x).view(b, g, g, c)
+        x = self.norm1(x).view(b, gh, gw, c)
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         wins = window_partition(x, w).view(-1, w * w, c)
         wins = self.attn(wins, self.attn_mask)
-        x = window_reverse(wins.view(-1, w, w, c), w, g, g)
+        x = window_reverse(wins.view(-1, w, w, c), w, gh, gw)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        x = shortcut + self.drop_path(x.reshape(b, g * g, c))
+        x = shortcut + self.drop_path(x.reshape(b, gh * gw, c))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
     """2x2 neighbourhood concat (order x00, x10, x01, x11) -> LayerNorm(4C) -> Linear(4C, 2C, no bias)."""
 
-    def __init__(self, dim: int, grid: int) -> None:
+    def __init__(self, dim: int, grid: Size) -> None:
         super().__init__()
-        self.grid = grid
+        self.grid = as_hw(grid)
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
-        x = x.view(b, self.grid, self.grid, c)
+        x = x.view(b, *self.grid, c)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
@@ -162,7 +173,7 @@ class SwinStage(nn.Module):
     def __init__(
         self,
         dim: int,
-        grid: int,
+        grid: Size,
         depth: int,
         heads: int,
         window: int,
@@ -200,7 +211,7 @@ class SwinEncoder(nn.Module):
 
     def __init__(
         self,
-        image_size: int,
+        image_size: Size,
         patch_size: int,
         embed_dim: int,
         depths: tuple[int, ...],
@@ -215,14 +226,15 @@ class SwinEncoder(nn.Module):
         n = sum(depths)
         # Stochastic-depth rate rising linearly over all blocks (plain floats: works under the meta device too).
         dpr = [drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-        grid = image_size // patch_size
+        height, width = as_hw(image_size)
+        grid = (height // patch_size, width // patch_size)
         self.layers = nn.ModuleList()
         for i, (depth, h) in enumerate(zip(depths, heads, strict=True)):
             start = sum(depths[:i])
             self.layers.append(
                 SwinStage(
                     embed_dim * 2**i,
-                    grid // 2**i,
+                    (grid[0] // 2**i, grid[1] // 2**i),
                     depth,
                     h,
                     window,
@@ -234,8 +246,9 @@ class SwinEncoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} input, got {tuple(x.shape[-2:])}")
+        h, w = as_hw(self.image_size)
+        if tuple(x.shape[-2:]) != (h, w):
+            raise ValueError(f"expected {h}x{w} input, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)

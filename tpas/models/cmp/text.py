@@ -15,18 +15,19 @@ _SPACES = re.compile(r"\s{2,}")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def clean_caption(caption: str, max_words: int = 56) -> str:
+def clean_caption(caption: str, max_words: int = 56, split_on: str | None = None) -> str:
     """The reference's `pre_caption` at test time, step by step.
 
     Lowercase and delete the characters ,.'!?"()*#:;~ ; then '-' and '/' become spaces and '<person>' becomes
     'person'; runs of two or more whitespace characters become one space (a single tab or newline stays, as in the
-    reference); strip trailing newlines then spaces; keep at most `max_words` whitespace-separated words. A caption
-    that cleans to nothing raises ValueError (the reference raises too).
+    reference); strip trailing newlines then spaces; keep at most `max_words` words, split on any whitespace
+    (`split_on=None`, CMP) or on `split_on` only (" ": X-VLM's pre_caption). A caption that cleans to nothing
+    raises ValueError (the reference raises too).
     """
     text = _PUNCT.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
     text = _SPACES.sub(" ", text)
     text = text.rstrip("\n").strip(" ")
-    words = text.split()
+    words = text.split(split_on)
     if len(words) > max_words:
         text = " ".join(words[:max_words])
     if not text:

@@ -15,6 +15,7 @@ LLaVA-OneVision's tiles are padded as their processors pad a batch).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,18 @@ Features = dict[str, torch.Tensor]
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def image_placeholder(processor: Any, rendered: str) -> str:
+def image_placeholder(processor: Any, rendered: str, count: int = 1) -> str:
     """The token the chat template emits for an image and the processor expands (Gemma-style templates emit a
-    begin-of-image token instead of the image token itself)."""
+    begin-of-image token instead of the image token itself); `rendered` holds `count` images."""
     for name in ("image_token", "boi_token"):
         token = getattr(processor, name, None)
-        if isinstance(token, str) and rendered.count(token) == 1:
+        if isinstance(token, str) and rendered.count(token) == count:
             return token
     found = getattr(processor, "image_token", None)
+    why = " (a single-image model: --score pairwise needs one that takes two images)" if count > 1 else ""
     raise TpasInputError(
-        f"the chat template renders {rendered.count(found) if found else 0} image placeholder(s) {found!r} for one "
-        "image; tpas needs exactly one"
+        f"the chat template renders {rendered.count(found) if found else 0} image placeholder(s) {found!r} for "
+        f"{count} image(s); tpas needs exactly {count}{why}"
     )
 
 
@@ -57,34 +59,103 @@ class ImageSegmenter:
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """A rendered prompt's token ids and the position of its one image placeholder token."""
+    """A rendered prompt's token ids and the positions of its image placeholder tokens (one per image, in order)."""
 
     ids: torch.Tensor  # [L] int64
-    image_at: int
+    image_at: tuple[int, ...]
 
 
-def tokenize_prompt(processor: Any, rendered: str, placeholder: str) -> PromptTokens:
-    """Tokenize as the processor does (its tokenizer, default special tokens) and locate the placeholder."""
+def tokenize_prompt(processor: Any, rendered: str, placeholder: str, images: int = 1) -> PromptTokens:
+    """Tokenize as the processor does (its tokenizer, default special tokens) and locate the placeholders."""
     ids = torch.as_tensor(processor.tokenizer(rendered)["input_ids"], dtype=torch.long).reshape(-1)
     token_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
     where = (ids == token_id).nonzero().flatten()
-    if len(where) != 1:
-        raise TpasInputError(f"the rendered prompt holds {len(where)} {placeholder!r} tokens; tpas needs exactly one")
-    return PromptTokens(ids, int(where[0]))
+    if len(where) != images:
+        raise TpasInputError(
+            f"the rendered prompt holds {len(where)} {placeholder!r} tokens; tpas needs exactly {images}"
+        )
+    return PromptTokens(ids, tuple(int(w) for w in where))
 
 
-def assemble(prompt: PromptTokens, segment: Features) -> tuple[Features, Features]:
-    """(token tensors [L'] , image tensors) of one pair: the prompt with its placeholder replaced by the segment."""
-    seg_ids = segment["input_ids"].reshape(-1)
-    head, tail = prompt.ids[: prompt.image_at], prompt.ids[prompt.image_at + 1 :]
-    tokens = {"input_ids": torch.cat([head, seg_ids, tail])}
+def assemble(
+    prompt: PromptTokens, segments: Sequence[Features], axes: Mapping[str, int] | None = None
+) -> tuple[Features, Features]:
+    """(token tensors [L'], image tensors) of one row: each placeholder replaced by its image's segment. Several
+    images' tensors are joined along `axes[key]` (0 by default: Qwen-style patch lists and LLaVA-style tiles; 1 for
+    Idefics3's per-row stacks of sub-images, see `image_axes`)."""
+    if len(segments) != len(prompt.image_at):
+        raise ValueError(f"{len(segments)} images for {len(prompt.image_at)} placeholders")
+    pieces: dict[str, list[torch.Tensor]] = {"input_ids": []}
+    extra = [k for k in TOKEN_KEYS[2:] if k in segments[0]]
+    for key in extra:
+        pieces[key] = []
+    last = 0
+    bounds = [*prompt.image_at, len(prompt.ids)]
+    for i, at in enumerate(bounds):
+        text = prompt.ids[last:at]
+        pieces["input_ids"].append(text)
+        for key in extra:
+            pieces[key].append(torch.zeros_like(text))
+        if i < len(segments):
+            pieces["input_ids"].append(segments[i]["input_ids"].reshape(-1))
+            for key in extra:
+                pieces[key].append(segments[i][key].reshape(-1).to(torch.long))
+        last = at + 1
+    tokens = {key: torch.cat(parts) for key, parts in pieces.items()}
     tokens["attention_mask"] = torch.ones_like(tokens["input_ids"])
-    for key in TOKEN_KEYS[2:]:
-        if key in segment:
-            seg = segment[key].reshape(-1).to(torch.long)
-            tokens[key] = torch.cat([torch.zeros_like(head), seg, torch.zeros_like(tail)])
-    image = {k: v for k, v in segment.items() if k not in TOKEN_KEYS}
+    tokens = {k: tokens[k] for k in ("input_ids", "attention_mask", *extra)}
+    axes = axes or {}
+    image = {key: _join([s[key] for s in segments], axes.get(key, 0)) for key in segments[0] if key not in TOKEN_KEYS}
     return tokens, image
+
+
+def _join(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
+    """Concatenate along `axis`, zero-padding the other axes to the largest."""
+    if len(parts) == 1:
+        return parts[0]
+    shape = [max(p.shape[d] for p in parts) for d in range(parts[0].ndim)]
+    padded = []
+    for p in parts:
+        want = [p.shape[d] if d == axis else shape[d] for d in range(p.ndim)]
+        out = p if list(p.shape) == want else p.new_zeros(want)
+        if out is not p:
+            out[tuple(slice(0, n) for n in p.shape)] = p
+        padded.append(out)
+    return torch.cat(padded, dim=axis)
+
+
+def image_axes(reference: Mapping[str, torch.Tensor], segments: Sequence[Features]) -> dict[str, int]:
+    """Per image tensor, the axis along which the processor itself joins several images of one row (found by
+    comparing its output for the row with the joined segments); a layout neither axis reproduces is refused."""
+    axes: dict[str, int] = {}
+    for key in segments[0]:
+        if key in TOKEN_KEYS or len(segments) == 1:
+            continue
+        theirs = reference.get(key)
+        for axis in range(min(2, segments[0][key].ndim)):
+            ours = _join([s[key] for s in segments], axis)
+            if theirs is not None and ours.shape == theirs.shape and torch.equal(ours, theirs.to(ours.dtype)):
+                axes[key] = axis
+                break
+        else:
+            raise TpasInputError(f"this processor joins the {key!r} of several images in a way tpas cannot batch")
+    return axes
+
+
+def reference_inputs(processor: Any, rendered: str, image_paths: Sequence[Path]) -> Features:
+    """The processor's own output for one row (text + its images), for `image_axes` and `check_assembly`."""
+    images = []
+    for path in image_paths:
+        with Image.open(path) as im:
+            im.load()
+            images.append(im)
+    try:
+        return processor(text=[rendered], images=images, return_tensors="pt")
+    except (ValueError, TypeError, IndexError) as e:
+        raise TpasInputError(
+            f"the processor ({type(processor).__name__}) cannot take {len(images)} image(s) in one prompt "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def _pad_to(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
@@ -113,15 +184,13 @@ def collate(pairs: list[tuple[Features, Features]], pad_id: int) -> Features:
     return batch
 
 
-def check_assembly(processor: Any, rendered: str, image_path: Path, assembled: tuple[Features, Features]) -> None:
-    """Compare one assembled pair with the processor's own output for the same text and image; a processor that
-    expands images in a way splicing does not reproduce is refused rather than scored wrongly."""
-    with Image.open(image_path) as im:
-        im.load()
-        ref = processor(text=[rendered], images=[im], return_tensors="pt")
+def check_assembly(processor: Any, reference: Mapping[str, torch.Tensor], assembled: tuple[Features, Features]) -> None:
+    """Compare one assembled row with the processor's own output for the same text and images
+    (`reference_inputs`); a processor that expands images in a way splicing does not reproduce is refused rather
+    than scored wrongly."""
     tokens, image = assembled
     for key, ours in [*tokens.items(), *image.items()]:
-        theirs = ref.get(key)
+        theirs = reference.get(key)
         if key == "attention_mask" and theirs is None:
             continue
         if (

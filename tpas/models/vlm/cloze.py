@@ -92,6 +92,12 @@ class Lexicon:
                     groups[kind][group] = [*groups[kind][group], *words]
         return cls(groups)
 
+    def digest(self) -> str:
+        """sha256 of the groups (the score cache key of a cloze run: another lexicon masks other words)."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.groups, sort_keys=True).encode()).hexdigest()
+
     def group_of(self, text: str) -> tuple[str, str] | None:
         """(kind, group) of a word or phrase, or None when the lexicon does not know it."""
         return self._group_of.get(normalise(text))

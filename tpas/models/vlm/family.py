@@ -8,6 +8,7 @@ the run, directly in its precision and on its device (a 7B model is never materi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from ...errors import TpasInputError
 from ..base import FamilyOption, RetrievalModel, register
 from ..hf_folder import missing_folder_error
 from .batching import ImageSegmenter, image_placeholder
+from .cloze import Lexicon
 from .loading import (
     ATTN_IMPLEMENTATIONS,
     EXAMPLE,
@@ -30,8 +32,41 @@ from .loading import (
 from .prompts import PromptSpec, prompt_spec, render
 from .scores import DEFAULT_NO, DEFAULT_YES, SCORE_MODES, Answers, resolve_answers, score_logits
 
+DEFAULT_MAX_NEW_TOKENS = 32  # one short line per blank; PAB captions have about 2-6 blanks
+
+
+@dataclass(frozen=True)
+class ModeOptions:
+    """The options of one score mode beyond the prompt: pairwise's margin, cloze's lexicon and answer length."""
+
+    margin: float = 0.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    lexicon: Lexicon | None = None
+
+    def describe(self, score: str) -> dict[str, Any]:
+        """What changes the cached outputs (the margin only changes decisions, so it is not here)."""
+        if score != "cloze" or self.lexicon is None:
+            return {}
+        return {"max_new_tokens": self.max_new_tokens, "lexicon_sha256": self.lexicon.digest()}
+
+
+def mode_options(score: str, options: dict[str, Any]) -> ModeOptions:
+    """Check the mode-specific options against `score`; TpasInputError naming the option that does not apply."""
+    owners = {"margin": "pairwise", "max_new_tokens": "cloze", "cloze_lexicon": "cloze"}
+    for name, mode in owners.items():
+        if options.get(name) is not None and score != mode:
+            raise TpasInputError(f"--{name.replace('_', '-')} applies to --score {mode} only, not {score}")
+    new_tokens = options.get("max_new_tokens")
+    if new_tokens is not None and new_tokens < 1:
+        raise TpasInputError(f"--max-new-tokens must be >= 1, got {new_tokens}")
+    if score == "cloze":
+        lexicon = Lexicon.load(options.get("cloze_lexicon"))
+        return ModeOptions(max_new_tokens=new_tokens or DEFAULT_MAX_NEW_TOKENS, lexicon=lexicon)
+    return ModeOptions(margin=float(options.get("margin") or 0.0))
+
+
 OPTIONS: tuple[FamilyOption, ...] = (
-    FamilyOption("prompt", str, "Prompt template holding {caption} (yes-no, p-yes).", None),
+    FamilyOption("prompt", str, "Prompt template holding {caption} (yes-no, p-yes, pairwise).", None),
     FamilyOption("prompt_file", Path, "File holding the prompt template.", None),
     FamilyOption("system", str, "System turn (default: none; qwen3-vl-reranker: its judge instruction).", None),
     FamilyOption("score", str, "How logits become a score.", "yes-no", SCORE_MODES),
@@ -43,6 +78,9 @@ OPTIONS: tuple[FamilyOption, ...] = (
     FamilyOption("attn_implementation", str, "Attention kernel.", None, ATTN_IMPLEMENTATIONS),
     FamilyOption("min_pixels", int, "Minimum pixels per image (Qwen-style processors).", None),
     FamilyOption("max_pixels", int, "Maximum pixels per image (Qwen-style processors).", None),
+    FamilyOption("margin", float, "--score pairwise: the challenger must win by more (default 0).", None),
+    FamilyOption("max_new_tokens", int, f"--score cloze: tokens per answer (default {DEFAULT_MAX_NEW_TOKENS}).", None),
+    FamilyOption("cloze_lexicon", Path, "--score cloze: a JSON lexicon extending the packaged one.", None),
 )
 
 
@@ -65,13 +103,15 @@ class VLMReranker(RetrievalModel):
         adapter: Path | None,
         merge_adapter: bool,
         attn_implementation: str | None,
+        mode: ModeOptions | None = None,
     ):
         super().__init__()
         self.folder, self.hf_config, self.processor = folder, config, processor
         self.prompt, self.score, self.answers = prompt, score, answers
         self.adapter, self.merge_adapter, self.attn_implementation = adapter, merge_adapter, attn_implementation
         self.checkpoint_path = folder
-        self.placeholder = image_placeholder(processor, render(processor, prompt.messages("x")))
+        self.mode = mode or ModeOptions()
+        self.placeholder = image_placeholder(processor, render(processor, prompt.messages("x")), prompt.images)
         self._loaded: tuple[tuple[str, torch.dtype], torch.nn.Module] | None = None
 
     @classmethod
@@ -97,6 +137,7 @@ class VLMReranker(RetrievalModel):
         )
         processor = load_processor(folder, options.get("min_pixels"), options.get("max_pixels"))
         answers = resolve_answers(processor.tokenizer, score, options.get("yes"), options.get("no"))
+        mode = mode_options(score, options)
         adapter = options.get("adapter")
         if adapter is not None:
             adapter = Path(adapter)
@@ -104,7 +145,7 @@ class VLMReranker(RetrievalModel):
         elif options.get("merge_adapter"):
             raise TpasInputError("--merge-adapter needs --adapter DIR")
         return cls(
-            folder, hf_config, processor, spec, score, answers, adapter, bool(options.get("merge_adapter")), attn
+            folder, hf_config, processor, spec, score, answers, adapter, bool(options.get("merge_adapter")), attn, mode
         )
 
     def describe(self) -> dict[str, Any]:
@@ -118,6 +159,7 @@ class VLMReranker(RetrievalModel):
             "score": self.score,
             **self.prompt.describe(),
             **self.answers.describe(),
+            **self.mode.describe(self.score),
             "image_processor": image_settings(self.processor.image_processor),
             "attn_implementation": self.attn_implementation,
             "merge_adapter": self.merge_adapter,

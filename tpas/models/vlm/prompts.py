@@ -4,7 +4,9 @@ processor's own chat template and its generation prompt.
 Pointwise modes (`yes-no`, `p-yes`): an optional system turn, then one user turn holding [image, prompt text] in that
 order, the prompt being the user's template with `{caption}` replaced. `qwen3-vl-reranker`: the message layout of the
 scoring script shipped with Qwen3-VL-Reranker (docs/models/vlm.md): a fixed judge instruction as system turn, and a
-user turn "<Instruct>: ..." + "<Query>:" + caption + "\\n<Document>:" + image.
+user turn "<Instruct>: ..." + "<Query>:" + caption + "\\n<Document>:" + image. `pairwise`: one user turn
+"Image 1:" + first image + "Image 2:" + second image + the prompt. `cloze`: one user turn [image, the cloze question
+of `tpas.models.vlm.cloze.cloze_prompt`] (the question takes the place of the caption; no template of the user's).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ RERANKER_SYSTEM = (
     'Note that the answer can only be "yes" or "no".'
 )
 RERANKER_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+DEFAULT_PAIRWISE_PROMPT = (
+    'Which image shows the following description better? "{caption}" Answer 1 for the first image or 2 for the '
+    "second image."
+)
 
 Messages = list[dict[str, Any]]
 
@@ -35,6 +41,7 @@ class PromptSpec:
     system: str | None = None
     instruction: str | None = None
     reranker: bool = False
+    images: int = 1  # 2 for pairwise: [first image, second image, prompt]
 
     def messages(self, caption: str) -> Messages:
         """The chat messages for one pair; the image item stands where the processor inserts the picture."""
@@ -52,7 +59,12 @@ class PromptSpec:
             if self.system:
                 out.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
             # str.replace, not str.format: captions and prompts may hold other braces.
-            content = [{"type": "image"}, {"type": "text", "text": self.template.replace(CAPTION_FIELD, caption)}]
+            text = {"type": "text", "text": self.template.replace(CAPTION_FIELD, caption)}
+            if self.images == 2:
+                content = [{"type": "text", "text": "Image 1:"}, {"type": "image"},
+                           {"type": "text", "text": "Image 2:"}, {"type": "image"}, text]  # fmt: skip
+            else:
+                content = [{"type": "image"}, text]
         out.append({"role": "user", "content": content})
         return out
 
@@ -87,11 +99,16 @@ def prompt_spec(
         return PromptSpec(system=system, instruction=instruction, reranker=True)
     if instruction is not None:
         raise TpasInputError(f"--instruction applies to --score qwen3-vl-reranker only, not {score}")
-    template = DEFAULT_PROMPT if prompt is None else prompt
+    if score == "cloze":
+        if prompt is not None:
+            raise TpasInputError("--prompt/--prompt-file do not apply to --score cloze (the question is the cloze)")
+        return PromptSpec(template=CAPTION_FIELD, system=system)
+    default = DEFAULT_PAIRWISE_PROMPT if score == "pairwise" else DEFAULT_PROMPT
+    template = default if prompt is None else prompt
     if CAPTION_FIELD not in template:
         where = prompt_file if prompt_file is not None else None
         raise TpasInputError(f"the prompt must contain {CAPTION_FIELD} where the query text goes: {template!r}", where)
-    return PromptSpec(template=template, system=system)
+    return PromptSpec(template=template, system=system, images=2 if score == "pairwise" else 1)
 
 
 def render(processor: Any, messages: Messages) -> str:

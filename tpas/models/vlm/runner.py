@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,20 +26,20 @@ from ...data.images import GalleryDataset, gallery_loader
 from ...data.pab import Query, list_gallery, read_queries
 from ...errors import TpasInputError
 from ...ranking import topk_stable
+from ...resources import out_of_memory_hint
+from ...runtime import Distributed, distributed, precision_policy, resolve_device
 from ...sims import SimsMatrix
 from ..cache import FeatureStore, cached_sha256, default_cache_dir, item_key
-from ..engine import (
-    PRECISIONS,
-    InferProgress,
-    ProgressFn,
-    _autocast,
-    _Dist,
-    _loader_iter,
-    default_num_workers,
-    private_store,
-    resolve_device,
+from ..engine import InferProgress, ProgressFn, _loader_iter, default_num_workers, private_store
+from .batching import (
+    Features,
+    PromptTokens,
+    assemble,
+    check_assembly,
+    collate,
+    reference_inputs,
+    tokenize_prompt,
 )
-from .batching import PromptTokens, assemble, check_assembly, collate, tokenize_prompt
 from .prompts import render
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def candidate_columns(
     return ours.top_k(k).indices.long()
 
 
-def _caption_digest(caption: str) -> str:
+def caption_digest(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:24]
 
 
@@ -103,7 +104,7 @@ def _pairs(qs: Sequence[Query], paths: list[Path], top: torch.Tensor) -> tuple[l
     seen: dict[str, Pair] = {}
     cells = []
     for r, cols in enumerate(top.tolist()):
-        digest = _caption_digest(qs[r].caption)
+        digest = caption_digest(qs[r].caption)
         cells.append([f"{digest}|{image_keys[c]}" for c in cols])
         for c, key in zip(cols, cells[-1], strict=True):
             seen.setdefault(key, Pair(key, r, c))
@@ -124,6 +125,46 @@ def _check_args(rerank_k: int | None, candidates: Any, batch_size: int, pose_dir
     return rerank_k
 
 
+@dataclass
+class Run:
+    """What every score mode's run shares: the queries, gallery, candidate columns, device, model and score store."""
+
+    model: VLMReranker
+    qs: list[Query]
+    query_ids: list[str]
+    gallery_ids: list[str]
+    paths: list[Path]
+    top: torch.Tensor  # [Q, k] candidate columns in first-stage order
+    dist: Distributed
+    dev: torch.device
+    dtype: torch.dtype
+    net: torch.nn.Module
+    store: FeatureStore
+    sha: str
+    adapter_sha: str | None
+    batch_size: int
+    num_workers: int
+    progress: ProgressFn | None
+
+    def load_images(self, cols: Sequence[int]) -> Iterator[tuple[int, Features]]:
+        """(column, segment) of each of `cols` in that order, preprocessed in DataLoader workers."""
+        loader = gallery_loader(
+            GalleryDataset([self.paths[c] for c in cols], self.model.image_preprocessor), 1, self.num_workers
+        )
+        with _loader_iter(loader) as images:
+            for c, item in zip(cols, images, strict=True):
+                for _, msg in item.errors:
+                    path, _, what = msg.partition(": ")
+                    raise TpasInputError(f"{what}; fix or replace this candidate image", path)
+                yield c, {name: v[0] for name, v in item.features.items()}
+
+    def inputs(self, rows: list[tuple[Features, Features]]) -> Features:
+        """One left-padded batch on the device, pixels in the model's dtype."""
+        tok = self.model.processor.tokenizer
+        pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+        return {name: _to(v, self.dev, self.dtype) for name, v in collate(rows, pad_id).items()}
+
+
 def rerank_candidates(
     model: VLMReranker,
     images_dir: str | Path,
@@ -142,8 +183,9 @@ def rerank_candidates(
     pose_dir: str | Path | None = None,
     skip_bad_images: bool = False,
 ) -> SimsMatrix:
-    """Score each query's top-`rerank_k` candidates with the VLM; write and return a top-K SimsMatrix (raw scores,
-    higher = better). Arguments as `tpas.models.engine.infer`; `batch_size` counts pairs per forward pass."""
+    """Re-rank each query's top-`rerank_k` candidates with the VLM in its score mode (pointwise scores, pairwise
+    pivot-promote or cloze); write and return a top-K SimsMatrix (higher = better). Arguments as
+    `tpas.models.engine.infer`; `batch_size` counts pairs (pairwise: comparisons) per forward pass."""
     out = Path(out)
     if out.is_dir():
         raise TpasInputError("--out must be a file path, not a folder", out)
@@ -155,114 +197,133 @@ def rerank_candidates(
     query_ids, gallery_ids = [q.id for q in qs], [g.id for g in gallery]
     top = candidate_columns(candidates, query_ids, gallery_ids, k)
     paths = [g.path for g in gallery]
-    pairs, cells = _pairs(qs, paths, top)
 
-    dist = _Dist(want_cuda=(device == "auto" and torch.cuda.is_available()) or device.startswith("cuda"))
-    tmp_store: Path | None = None
-    try:
-        dev = resolve_device(device, dist.local_rank)
-        _autocast(dev, precision)  # validates the precision for the device; the weights themselves load in it
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dtype = PRECISIONS[precision]
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        memo = root if use_cache else None
-        sha = cached_sha256(model.folder, memo)
-        adapter_sha = cached_sha256(model.adapter, memo) if model.adapter is not None else None
-        net = model.network(dev, dtype)  # an adapter for another base model fails here, before anything is written
-        if not use_cache:
-            tmp_store = Path(dist.broadcast(str(private_store(out)) if dist.rank == 0 else None))
-            root = tmp_store
-        key = {
-            "family": "vlm",
-            "checkpoint_sha256": sha,
-            "adapter_sha256": adapter_sha,
-            "model": model.describe(),
-            "precision": precision,
-            "device_type": dev.type,
-        }
-        store = FeatureStore(root, key)
-        store.scan()
-        mine = [pairs[i] for i in dist.shard(len(pairs))]
-        todo = [p for p in mine if not store.has(p.key)]
-        _score(model, net, store, qs, paths, todo, len(mine), dev, dtype, batch_size, num_workers, progress)
-        dist.barrier()
-        store.scan()  # other ranks' chunks
-        scores = store.load([p.key for p in pairs], names=["score"])["score"]
-        by_key = dict(zip((p.key for p in pairs), scores.tolist(), strict=True))
-        values = torch.tensor([[by_key[key] for key in row] for row in cells], dtype=torch.float32)
-        meta = _meta(model, sha, adapter_sha, precision, dev, images_dir, queries, candidates, k, dist.world)
-        result = SimsMatrix(query_ids, gallery_ids, indices=top, values=values, source="vlm", meta=meta)
-        if dist.rank == 0:
-            result.save(out)
-        dist.barrier()
-        return result
-    finally:
-        if tmp_store is not None and dist.rank == 0:
-            shutil.rmtree(tmp_store, ignore_errors=True)
-        dist.close()
+    dev = resolve_device(device)
+    dtype = precision_policy(dev, precision).dtype  # validated for the device; the weights themselves load in it
+    with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
+        tmp_store: Path | None = None
+        try:
+            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            memo = root if use_cache else None
+            sha = cached_sha256(model.folder, memo)
+            adapter_sha = cached_sha256(model.adapter, memo) if model.adapter is not None else None
+            net = model.network(dev, dtype)  # an adapter for another base model fails here, before anything is written
+            if not use_cache:
+                tmp_store = Path(dist.broadcast(str(private_store(out)) if dist.rank == 0 else None))
+                root = tmp_store
+            key = {
+                "family": "vlm",
+                "checkpoint_sha256": sha,
+                "adapter_sha256": adapter_sha,
+                "model": model.describe(),
+                "precision": precision,
+                "device_type": dev.type,
+            }
+            store = FeatureStore(root, key)
+            store.scan()
+            workers = default_num_workers() if num_workers is None else num_workers
+            run = Run(model, qs, query_ids, gallery_ids, paths, top, dist, dev, dtype, net, store, sha, adapter_sha,
+                      batch_size, workers, progress)  # fmt: skip
+            indices, values, extra = _rerank(run)
+            meta = {**_meta(run, precision, images_dir, queries, candidates, k), **extra}
+            result = SimsMatrix(query_ids, gallery_ids, indices=indices, values=values, source="vlm", meta=meta)
+            if dist.rank == 0:
+                result.save(out)
+            dist.barrier()
+            return result
+        finally:
+            if tmp_store is not None and dist.rank == 0:
+                shutil.rmtree(tmp_store, ignore_errors=True)
+
+
+def _rerank(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(indices, values, extra meta) of the run's score mode."""
+    if run.model.score == "pairwise":
+        from .pairwise_run import rerank_pairwise
+
+        return rerank_pairwise(run)
+    if run.model.score == "cloze":
+        from .cloze_run import rerank_cloze
+
+        return rerank_cloze(run)
+    pairs, cells = _pairs(run.qs, run.paths, run.top)
+    texts = {p.row: run.qs[p.row].caption for p in pairs}
+
+    def score(batch: Features) -> dict[str, torch.Tensor]:
+        return {"score": run.model.score_batch(run.net, batch).float().cpu()}
+
+    score_pairs(run, pairs, texts, score)
+    by_key = dict(zip((p.key for p in pairs), run.store.load([p.key for p in pairs], ["score"])["score"].tolist(),
+                      strict=True))  # fmt: skip
+    values = torch.tensor([[by_key[key] for key in row] for row in cells], dtype=torch.float32)
+    return run.top, values, {}
+
+
+def score_pairs(
+    run: Run, pairs: list[Pair], texts: dict[int, str], step: Callable[[Features], dict[str, torch.Tensor]]
+) -> None:
+    """Run `step` over this rank's share of the (image-ordered) `pairs` that the store lacks, in batches of
+    `batch_size` one-image rows whose prompt holds `texts[row]`, writing each batch's outputs to the store; then
+    wait for the other ranks and re-read the store."""
+    mine = [pairs[i] for i in run.dist.shard(len(pairs))]
+    todo = [p for p in mine if not run.store.has(p.key)]
+    _score(run, todo, len(mine), texts, step)
+    run.dist.barrier()
+    run.store.scan()  # other ranks' chunks
 
 
 def _score(
-    model: VLMReranker,
-    net: torch.nn.Module,
-    store: FeatureStore,
-    qs: Sequence[Query],
-    paths: list[Path],
-    todo: list[Pair],
-    total: int,
-    dev: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
-    num_workers: int | None,
-    progress: ProgressFn | None,
+    run: Run, todo: list[Pair], total: int, texts: dict[int, str], step: Callable[[Features], dict[str, torch.Tensor]]
 ) -> None:
-    """Score `todo` (image-ordered) in batches of `batch_size` pairs, writing each batch to the store."""
     cached = total - len(todo)
-    if progress:
-        progress(InferProgress("rerank", cached, total, 0.0, cached))
+    if run.progress:
+        run.progress(InferProgress("rerank", cached, total, 0.0, cached))
     if not todo:
         return
-    processor = model.processor
-    rendered = {r: render(processor, model.prompt.messages(qs[r].caption)) for r in {p.row for p in todo}}
+    model, processor = run.model, run.model.processor
+    rendered = {r: render(processor, model.prompt.messages(texts[r])) for r in {p.row for p in todo}}
     prompts: dict[int, PromptTokens] = {
         r: tokenize_prompt(processor, t, model.placeholder) for r, t in rendered.items()
     }
-    tok = processor.tokenizer
-    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
     cols = list(dict.fromkeys(p.col for p in todo))  # distinct images in the order their pairs come
+    with closing(run.load_images(cols)) as images:
+        _score_batches(run, todo, total, cached, rendered, prompts, images, step)
+
+
+def _score_batches(
+    run: Run,
+    todo: list[Pair],
+    total: int,
+    cached: int,
+    rendered: dict[int, str],
+    prompts: dict[int, PromptTokens],
+    images: Iterator[tuple[int, Features]],
+    step: Callable[[Features], dict[str, torch.Tensor]],
+) -> None:
+    processor = run.model.processor
     last_use = {p.col: i for i, p in enumerate(todo)}
-    loader = gallery_loader(
-        GalleryDataset([paths[c] for c in cols], model.image_preprocessor),
-        1,
-        default_num_workers() if num_workers is None else num_workers,
-    )
-    held: dict[int, dict[str, torch.Tensor]] = {}
-    t0, done, next_image = time.perf_counter(), cached, 0
-    with _loader_iter(loader) as images:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            while any(p.col not in held for p in batch):
-                item = next(images)
-                for _, msg in item.errors:
-                    path, _, what = msg.partition(": ")
-                    raise TpasInputError(f"{what}; fix or replace this candidate image", path)
-                held[cols[next_image]] = {name: v[0] for name, v in item.features.items()}
-                next_image += 1
-            assembled = [assemble(prompts[p.row], held[p.col]) for p in batch]
-            if start == 0:
-                check_assembly(processor, rendered[batch[0].row], paths[batch[0].col], assembled[0])
-            inputs = {name: _to(v, dev, dtype) for name, v in collate(assembled, pad_id).items()}
-            with torch.inference_mode():
-                scores = model.score_batch(net, inputs).float().cpu()
-            store.write_chunk([p.key for p in batch], {"score": scores})
-            for c in {p.col for p in batch}:
-                if last_use[c] < start + batch_size:
-                    del held[c]
-            done += len(batch)
-            if progress:
-                rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)
-                progress(InferProgress("rerank", done, total, rate, cached))
+    held: dict[int, Features] = {}
+    t0, done = time.perf_counter(), cached
+    for start in range(0, len(todo), run.batch_size):
+        batch = todo[start : start + run.batch_size]
+        while any(p.col not in held for p in batch):
+            c, segment = next(images)
+            held[c] = segment
+        assembled = [assemble(prompts[p.row], [held[p.col]]) for p in batch]
+        if start == 0:
+            ref = reference_inputs(processor, rendered[batch[0].row], [run.paths[batch[0].col]])
+            check_assembly(processor, ref, assembled[0])
+        inputs = run.inputs(assembled)
+        with torch.inference_mode():
+            outputs = step(inputs)
+        run.store.write_chunk([p.key for p in batch], outputs)
+        for c in {p.col for p in batch}:
+            if last_use[c] < start + run.batch_size:
+                del held[c]
+        done += len(batch)
+        if run.progress:
+            rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)
+            run.progress(InferProgress("rerank", done, total, rate, cached))
 
 
 def _to(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -270,33 +331,23 @@ def _to(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dev, dtype=dtype) if t.is_floating_point() else t.to(dev)
 
 
-def _meta(
-    model: VLMReranker,
-    sha: str,
-    adapter_sha: str | None,
-    precision: str,
-    dev: torch.device,
-    images: Any,
-    queries: Any,
-    candidates: Any,
-    k: int,
-    world: int,
-) -> dict[str, Any]:
+def _meta(run: Run, precision: str, images: Any, queries: Any, candidates: Any, k: int) -> dict[str, Any]:
     """The output's meta: what scored it and from which candidates."""
+    model = run.model
     return {
         "family": "vlm",
         "checkpoint": str(model.folder),
-        "checkpoint_sha256": sha,
+        "checkpoint_sha256": run.sha,
         "adapter": str(model.adapter) if model.adapter is not None else None,
-        "adapter_sha256": adapter_sha,
+        "adapter_sha256": run.adapter_sha,
         "model": model.describe(),
         "score": model.score,
         "precision": precision,
-        "device": dev.type,
+        "device": run.dev.type,
         "images": str(images),
         "queries": str(queries) if isinstance(queries, (str, Path)) else "",
         "candidates": str(candidates) if isinstance(candidates, (str, Path)) else candidates.source,
         "rerank_k": k,
         "fill": "unscored",
-        "world_size": world,
+        "world_size": run.dist.world,
     }

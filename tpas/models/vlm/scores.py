@@ -4,6 +4,9 @@
 - `p-yes`: the summed softmax probability (over the whole vocabulary) of the "yes" variants (VQAScore).
 - `qwen3-vl-reranker`: sigmoid of logit("yes") - logit("no") for the vocabulary entries "yes" and "no", as the
   Qwen3-VL-Reranker scoring script computes it (there with a linear layer of the two lm_head rows; the same value).
+- `pairwise`: two images per prompt; max logit over the "1" variants minus max over the "2" variants (the margin for
+  "the first image matches better"), read by pivot-promote (`tpas.models.vlm.pairwise`).
+- `cloze`: no logit score; the model's greedy answer fills a masked caption (`tpas.models.vlm.cloze`).
 A word's variants are the word encoded without special tokens with and without a leading space, kept when exactly
 one token: byte-level BPE vocabularies hold "yes" and " yes" as different tokens, and "YES" is often two.
 """
@@ -18,9 +21,11 @@ import torch
 
 from ...errors import TpasInputError
 
-SCORE_MODES = ("yes-no", "p-yes", "qwen3-vl-reranker")
+POINTWISE_MODES = ("yes-no", "p-yes", "qwen3-vl-reranker")
+SCORE_MODES = (*POINTWISE_MODES, "pairwise", "cloze")
 DEFAULT_YES = "yes,Yes,YES"
 DEFAULT_NO = "no,No,NO"
+PAIRWISE_WORDS = ("1", "2")  # the answers of the two-image prompt: first image, second image
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,20 @@ def resolve_answers(tokenizer: Any, score: str, yes: str | None, no: str | None)
     """The yes/no token ids of `score`; TpasInputError when a side has no single-token variant."""
     if score not in SCORE_MODES:
         raise TpasInputError(f"--score {score!r}; expected one of {', '.join(SCORE_MODES)}")
+    if score in ("qwen3-vl-reranker", "pairwise", "cloze") and (yes is not None or no is not None):
+        reads = {"qwen3-vl-reranker": "it reads 'yes' and 'no'", "pairwise": "it reads '1' and '2'"}
+        raise TpasInputError(f"--yes/--no do not apply to --score {score} ({reads.get(score, 'it generates text')})")
+    if score == "cloze":
+        return Answers((), (), (), ())
     if score == "qwen3-vl-reranker":
-        if yes is not None or no is not None:
-            raise TpasInputError("--yes/--no do not apply to --score qwen3-vl-reranker (it reads 'yes' and 'no')")
         vocab = tokenizer.get_vocab()
         missing = [w for w in ("yes", "no") if w not in vocab]
         if missing:
             raise TpasInputError(f"--score qwen3-vl-reranker: the vocabulary has no token {missing[0]!r}")
         return Answers((vocab["yes"],), (vocab["no"],), ("yes",), ("no",))
     sides = []
-    for option, text in (("--yes", yes or DEFAULT_YES), ("--no", no or DEFAULT_NO)):
+    words = (("answer 1", PAIRWISE_WORDS[0]), ("answer 2", PAIRWISE_WORDS[1])) if score == "pairwise" else None
+    for option, text in words or (("--yes", yes or DEFAULT_YES), ("--no", no or DEFAULT_NO)):
         words = _words(text, option)
         ids, spelled = single_token_variants(tokenizer, words)
         if not ids:
@@ -94,7 +103,7 @@ def score_logits(score: str, logits: torch.Tensor, answers: Answers) -> torch.Te
     logits = logits.float()
     yes = logits[:, list(answers.yes_ids)]
     no = logits[:, list(answers.no_ids)]
-    if score == "yes-no":
+    if score in ("yes-no", "pairwise"):
         return yes.max(dim=1).values - no.max(dim=1).values
     if score == "p-yes":
         return torch.softmax(logits, dim=1)[:, list(answers.yes_ids)].sum(dim=1)
