@@ -12,7 +12,8 @@ import typer.main
 
 from tpas.cli import app, main
 from tpas.data.pab import load_ground_truth, read_query_index
-from tpas.demo import SIZES, plan
+from tpas.data.synthetic import generate_mini_pab
+from tpas.demo import SIZES, plan, scene_baseline, trap_share
 from tpas.ensemble.config import load_config
 from tpas.errors import TpasInputError
 from tpas.sims import SimsMatrix
@@ -37,6 +38,27 @@ def test_plan_names_real_commands_and_valid_training_overrides(tmp_path: Path) -
     assert "/val/" in tune.argv[tune.argv.index("--gt") + 1]
     with pytest.raises(TpasInputError, match="unknown demo size"):
         plan(tmp_path, size="huge")
+
+
+def test_trap_share_counts_the_same_persons_other_image_and_the_scene_baseline_ranks_by_scene(tmp_path: Path) -> None:
+    import torch
+
+    mp = generate_mini_pab(tmp_path / "m", seed=1, n_identities=2, n_val_identities=1, n_test_identities=6,
+                           n_distractors=1, image_size=(16, 16))  # fmt: skip
+    gt = load_ground_truth(mp.test_annotation)
+    gallery = sorted(set(gt.relevant.values()))
+    person = {str(r["image_id"]): r["person_id"] for r in json.loads(mp.test_annotation.read_text())}
+    right = torch.tensor([[float(g == gt.relevant[q]) for g in gallery] for q in gt.query_ids])
+    # The same person's other image first, the right one second: every query falls into the trap.
+    swapped = torch.tensor([[float(g != gt.relevant[q] and person[g] == person[gt.relevant[q]]) for g in gallery]
+                            for q in gt.query_ids]) + 0.5 * right  # fmt: skip
+    assert trap_share(SimsMatrix(gt.query_ids, gallery, scores=right), gt) == 0.0
+    assert trap_share(SimsMatrix(gt.query_ids, gallery, scores=swapped), gt) == 100.0
+    base = scene_baseline(gt, gallery, seed=0)
+    scene = dict(zip(gt.frame["gallery_id"], gt.frame["scene"], strict=True))
+    for q, row in zip(gt.query_ids, base.scores, strict=True):
+        top = gallery[int(row.argmax())]
+        assert scene[top] == gt.frame.loc[q, "scene"]  # the top-1 is always an image of the query's scene
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -3,7 +3,7 @@
 Every step is a real `tpas` command, run in order with the arguments a user would type (the demo prints them):
 
 1. `tpas synth`          a seeded mini-PAB in the real PAB layouts (train/val/test splits, pose maps, name-masked set);
-2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_tiny`) with different seeds, trained
+2. `tpas train cmp` x2   two tiny pose-aware CMP models (packaged preset `cmp_demo`) with different seeds, trained
                          at once in two processes, so the ensemble has two independently trained models to fuse;
 3. `tpas infer cmp`      ITC + ITM-re-ranked matrices of both models on the validation split, the labelled test split
                          and the name-masked test set;
@@ -39,18 +39,21 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .data.pab import GroundTruth, load_ground_truth
 from .errors import TpasInputError, TpasRunError
 from .io import atomic_write
+from .sims import SimsMatrix
 
 METRICS = ("R@1", "R@5", "R@10", "mAP")
-TRAIN_PRESET = "cmp_tiny"  # the packaged configs/train/cmp_tiny.yaml (`tpas train cmp --config cmp_tiny`)
+BASELINE = "scene only (baseline)"  # the table's row of `scene_baseline`
+TRAIN_PRESET = "cmp_demo"  # the packaged configs/train/cmp_demo.yaml (`tpas train cmp --config cmp_demo`)
 STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class DemoModel:
-    """One model the demo trains: a name and its `--set` overrides of the `cmp_tiny` preset."""
+    """One model the demo trains: a name and its `--set` overrides of the `cmp_demo` preset."""
 
     name: str
     overrides: tuple[str, ...]
@@ -64,6 +67,8 @@ class DemoSize:
     val_identities: int
     test_identities: int
     distractors: int  # extra images in the name-masked gallery
+    width: int  # image size of the mini-PAB (the tiny model resizes to 64 x 64)
+    height: int
     train_steps: int  # optimizer steps per model
     batch_size: int
     rerank_k: int  # ITM re-rank depth of `tpas infer cmp`
@@ -83,9 +88,11 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         identities=200,
         val_identities=60,
-        test_identities=50,
+        test_identities=100,
         distractors=100,
-        train_steps=200,
+        width=64,
+        height=128,
+        train_steps=300,
         batch_size=24,
         rerank_k=16,
         folds=3,
@@ -97,6 +104,8 @@ SIZES: dict[str, DemoSize] = {
         val_identities=10,
         test_identities=10,
         distractors=10,
+        width=32,
+        height=32,
         train_steps=6,
         batch_size=8,
         rerank_k=4,
@@ -125,7 +134,7 @@ class DemoResult:
     """What the demo measured and where it left its files."""
 
     root: Path
-    table: pd.DataFrame  # test-split metrics (%), one row per model matrix and the ensemble
+    table: pd.DataFrame  # test-split metrics and trap share (%): each model matrix, the ensemble, the baseline
     ensemble: str  # row name of the ensemble in `table`
     best_single: str  # row name of the best single-model matrix by R@1 (then mAP)
     answer: Path
@@ -231,7 +240,8 @@ def command(*words: str | Path, **options: Any) -> tuple[str, ...]:
 
 def _synth_step(lay: _Layout, sz: DemoSize, seed: int) -> Step:
     argv = command("synth", out=lay.data, seed=seed, identities=sz.identities, val_identities=sz.val_identities,
-                   test_identities=sz.test_identities, distractors=sz.distractors, overwrite=True)  # fmt: skip
+                   test_identities=sz.test_identities, distractors=sz.distractors, width=sz.width, height=sz.height,
+                   overwrite=True)  # fmt: skip
     return Step("generate the synthetic mini-PAB", argv, (lay.data / "vocab.txt", lay.query_index), reuse_key="synth")
 
 
@@ -414,15 +424,58 @@ def _forget(step: Step, lay: _Layout, state: dict[str, Any]) -> None:
     _save_state(lay.state, state)
 
 
-def _results(lay: _Layout, sz: DemoSize) -> tuple[pd.DataFrame, str]:
-    """The test-split table (one row per matrix) and the best single matrix by R@1, then mAP."""
+def trap_share(sims: SimsMatrix, gt: GroundTruth) -> float:
+    """Share (%) of queries whose top-1 is the same person in the other behaviour: PAB's identity trap.
+
+    A model that knows the person but not what they do falls into it about as often as it is right; one that knows
+    only the scene falls into it about as rarely as it is right.
+    """
+    from .ranking import topk_stable
+    from .scoring.report import identity_map
+
+    ident, _ = identity_map(gt)
+    rows = [sims.query_ids.index(q) for q in gt.query_ids]
+    first = topk_stable(sims.scores, 1) if sims.is_dense else sims.top_k(1).indices
+    top = first[rows, 0].tolist()
+    trapped = 0
+    for q, col in zip(gt.query_ids, top, strict=True):
+        got, want = sims.gallery_ids[col], gt.relevant[q]
+        trapped += got != want and ident.get(got) is not None and ident.get(got) == ident.get(want)
+    return 100.0 * trapped / max(1, len(gt.query_ids))
+
+
+def scene_baseline(gt: GroundTruth, gallery_ids: Sequence[str], seed: int) -> SimsMatrix:
+    """A scene-only model: 1 for every gallery image of the query's scene, 0 otherwise, ties in a seeded random order
+    (what a model that learned the scene and nothing else ranks like)."""
+    import torch
+
+    scene_of = dict(zip(gt.frame["gallery_id"], gt.frame["scene"], strict=True))
+    g_scene = [scene_of.get(g) for g in gallery_ids]
+    q_scene = list(gt.frame.loc[gt.query_ids, "scene"])
+    scores = torch.tensor([[float(qs == gs) for gs in g_scene] for qs in q_scene])
+    noise = torch.rand(scores.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3
+    return SimsMatrix(list(gt.query_ids), list(gallery_ids), scores=scores + noise, source="scene-baseline")
+
+
+def _results(lay: _Layout, sz: DemoSize, seed: int) -> tuple[pd.DataFrame, str]:
+    """The test-split table (one row per matrix, then the scene-only baseline) and the best single matrix by R@1,
+    then mAP. Columns: METRICS and `trap`, the share of queries whose top-1 is the same person's other image."""
+    from .scoring import evaluate
+
+    gt = load_ground_truth(lay.splits["test"][1])
     rows = {}
-    for name in _test_matrices(lay, sz):
+    gallery: list[str] = []
+    for name, path in _test_matrices(lay, sz).items():
         metrics = json.loads((lay.metrics / f"{name}.json").read_text(encoding="utf-8"))
-        rows[name] = {m: float(metrics[m]) for m in METRICS}
-    table = pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)]
+        sims = SimsMatrix.load(path)
+        gallery = sims.gallery_ids
+        rows[name] = {**{m: float(metrics[m]) for m in METRICS}, "trap": trap_share(sims, gt)}
+    table = pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "trap"]]
     singles = table.drop(index="ensemble")
-    return table, str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
+    best = str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
+    baseline = scene_baseline(gt, gallery, seed)
+    table.loc[BASELINE] = {**evaluate(baseline, gt).metrics(), "trap": trap_share(baseline, gt)}
+    return table, best
 
 
 def _compare_step(lay: _Layout, sz: DemoSize, best: str, seed: int) -> Step:
@@ -483,7 +536,7 @@ def run_demo(
                 atomic_write(lay.ensemble_config, lambda tmp, c=cfg: tmp.write_text(yaml.safe_dump(c, sort_keys=False)))
         timings += _run_group(todo, lay, state, run_command, step_progress)
 
-    table, best = _results(lay, sz)
+    table, best = _results(lay, sz, seed)
     compare = _compare_step(lay, sz, best, seed)
     if progress is not None:
         progress(n_done, n_all, compare, False)

@@ -131,3 +131,25 @@ def test_cli_synth_writes_the_layout_and_reports_errors_in_one_line(tmp_path: Pa
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
+
+
+def test_person_framing_fills_the_frame_and_stays_inside_it() -> None:
+    import numpy as np
+
+    from tpas.data.synthetic import ACTION_LABELS, Person, render_sample
+
+    person = Person("woman", "red", "blue", "coat", "skirt", "black", "average", 1, "lawn")
+    for action in ACTION_LABELS:
+        boxes = {}
+        for framing in ("scene", "person"):
+            img, pose, kp = render_sample(person, action, (64, 64), np.random.default_rng(0), framing)
+            assert img.size == pose.size == (64, 64)
+            assert (kp[:, :2] >= 0).all() and (kp[:, :2] <= 64).all()
+            boxes[framing] = (kp[:, :2].max(axis=0) - kp[:, :2].min(axis=0)).max()
+        # The person crop is the larger figure: its longer side spans most of the frame.
+        assert boxes["person"] > boxes["scene"] and boxes["person"] > 0.6 * 64
+
+
+def test_unknown_framing_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TpasInputError, match="unknown framing"):
+        generate_mini_pab(tmp_path / "x", seed=0, framing="wide", **SMALL)

@@ -81,6 +81,7 @@ ACTION_LABELS = {
     "slipping": "Slipping",
     "being hit": "Being hit",
 }
+FRAMINGS = ("scene", "person")  # how much of the image the person fills (`_place`)
 SCENES = ("parking lot", "lawn", "gym", "beach", "street", "snowy slope")
 
 # (finite forms, gerund forms): "a man ... falls on a lawn" / "the image shows a man ... falling on a lawn".
@@ -240,19 +241,31 @@ def pose_keypoints(action: str, rng: np.random.Generator, build: float = 1.0) ->
     return kp
 
 
-def _place(kp: np.ndarray, size: tuple[int, int], lift: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """Scale and move body-unit keypoints into the image: feet on the ground line, fitting inside the frame."""
+def _place(
+    kp: np.ndarray, size: tuple[int, int], lift: float, rng: np.random.Generator, framing: str = "scene"
+) -> tuple[np.ndarray, float]:
+    """Scale and move body-unit keypoints into the image: feet on the ground line, fitting inside the frame.
+
+    framing "scene": the body is about half the image height, a person in a wider view; "person": the figure fills
+    the frame as in a pedestrian detector's box (its larger side ~90 % of the image), as PAB's person crops do.
+    """
     w, h = size
     xy = kp[:, :2]
     # The head circle and hair reach beyond the nose; include them in the extent.
     lo = xy.min(axis=0) - _HEAD_R
     hi = xy.max(axis=0) + _HEAD_R
     extent = hi - lo
+    out = kp.copy()
+    if framing == "person":
+        # Centred in the box, a few pixels of jitter; the box's aspect is the image's, so the short side has margin.
+        scale = min(0.92 * w / extent[0], 0.92 * h / extent[1]) * rng.uniform(0.94, 1.0)
+        shift = rng.uniform(-0.03, 0.03, size=2) * np.array([w, h])
+        out[:, :2] = (xy - (lo + hi) / 2) * scale + np.array([w / 2, h / 2]) + shift
+        return out, scale
     scale = min(h * rng.uniform(0.5, 0.6), 0.9 * w / extent[0], 0.8 * h / extent[1])
     ground = h * rng.uniform(0.86, 0.92)
     centre_x = w * 0.5 + rng.uniform(-0.08, 0.08) * w
     bottom = hi[1] + lift  # the lift was already subtracted, so the lowest point sits `lift` above the ground
-    out = kp.copy()
     out[:, 0] = (xy[:, 0] - (lo[0] + hi[0]) / 2) * scale + centre_x
     out[:, 1] = (xy[:, 1] - bottom) * scale + ground
     # Keep the whole figure inside the frame even after the random offsets.
@@ -432,14 +445,15 @@ def _random_person(rng: np.random.Generator, used: set[Person]) -> Person:
 
 
 def render_sample(
-    person: Person, action: str, size: tuple[int, int], rng: np.random.Generator
+    person: Person, action: str, size: tuple[int, int], rng: np.random.Generator, framing: str = "scene"
 ) -> tuple[Image.Image, Image.Image, np.ndarray]:
-    """Draw `person` doing `action` over their scene. Returns (image, pose map, keypoints [18, 3] in pixels)."""
+    """Draw `person` doing `action` over their scene (`framing` as in `_place`). Returns (image, pose map,
+    keypoints [18, 3] in pixels)."""
     from ..pose.render import render_pose_map
 
     kp = pose_keypoints(action, rng, BUILDS[person.build])
     lift = float(_POSES[action]["lift"])  # type: ignore[arg-type]
-    placed, scale = _place(kp, size, lift, rng)
+    placed, scale = _place(kp, size, lift, rng, framing)
     img = _background(person.scene, size, rng)
     _draw_person(img, placed, scale, person, action)
     # OpenPose draws 4-px limbs on ~500-px frames; scale the strokes down with our small images.
@@ -503,10 +517,11 @@ def train_wordpiece_vocab(captions: list[str], path: Path, vocab_size: int = 200
 
 
 class _Sink:
-    """Where a mini-PAB is being written: the root, the image size, every caption so far, and the progress count."""
+    """Where a mini-PAB is being written: the root, the image size and framing, every caption so far, and the
+    progress count."""
 
-    def __init__(self, root: Path, size: tuple[int, int], total: int, progress: Progress | None) -> None:
-        self.root, self.size, self.total, self.progress = root, size, total, progress
+    def __init__(self, root: Path, size: tuple[int, int], framing: str, total: int, progress: Progress | None) -> None:
+        self.root, self.size, self.framing, self.total, self.progress = root, size, framing, total, progress
         self.captions: list[str] = []
         self.done = 0
 
@@ -542,7 +557,7 @@ def _train_split(
         ids = (f"{k}_{n}", f"{k}_{n + 1}")
         captions: list[list[str]] = []
         for rel, action in zip(rels, actions, strict=True):
-            img, pose, _ = render_sample(person, action, sink.size, rng)
+            img, pose, _ = render_sample(person, action, sink.size, rng, sink.framing)
             sink.image(f"train/{rel}", img, pose)
             captions.append([describe(person, action, rng) for _ in range(captions_per_image)])
         for side in (0, 1):
@@ -583,7 +598,7 @@ def _eval_split(
         order = (0, 1) if rng.random() < 0.5 else (1, 0)
         for side in order:
             n = len(records)
-            img, pose, _ = render_sample(person, actions[side], sink.size, rng)
+            img, pose, _ = render_sample(person, actions[side], sink.size, rng, sink.framing)
             images.append(img)
             poses.append(pose)
             caps = [describe(person, actions[side], rng) for _ in range(captions_per_image)]
@@ -631,7 +646,7 @@ def _masked_set(
         truth.append({**kept, "image": f"gallery/{gid}.jpg", "image_id": qid, "query_index": qid, "caption": [caption]})
     for person in distractors:
         action = (NORMAL_ACTIONS + ANOMALOUS_ACTIONS)[int(rng.integers(8))]
-        img, pose, _ = render_sample(person, action, sink.size, rng)
+        img, pose, _ = render_sample(person, action, sink.size, rng, sink.framing)
         sink.image(f"name-masked_test-set/gallery/{_masked_id(rng, used_ids)}.jpg", img, pose)
     # Real query files are not in gallery order; shuffle so nothing can lean on that.
     perm = rng.permutation(len(queries))
@@ -668,6 +683,7 @@ def generate_mini_pab(
     test_captions_per_image: int = 2,
     n_train_files: int = 2,
     vocab_size: int = 2000,
+    framing: str = "scene",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> MiniPab:
@@ -684,6 +700,8 @@ def generate_mini_pab(
         test_captions_per_image: captions per image in the validation/test `attr.json`.
         n_train_files: how many `attr_K.json` files (and `imgs_K` folders) the training pairs are spread over.
         vocab_size: upper bound of the WordPiece vocabulary size.
+        framing: "scene" (the person about half the image height over their scene) or "person" (the figure fills
+            the frame, as a pedestrian detector's crop; appearance dominates the pixels).
         overwrite: replace an existing non-empty `root`.
         progress: called as progress(done, total) after each image.
     """
@@ -694,6 +712,8 @@ def generate_mini_pab(
         raise TpasInputError(f"image_size {image_size} is too small; use at least 16x16")
     if train_captions_per_image < 1 or test_captions_per_image < 1:
         raise TpasInputError("captions per image must be >= 1")
+    if framing not in FRAMINGS:
+        raise TpasInputError(f"unknown framing {framing!r}; choose one of {', '.join(FRAMINGS)}")
     _prepare_root(root, overwrite)
     size = (int(image_size[0]), int(image_size[1]))
 
@@ -705,7 +725,9 @@ def generate_mini_pab(
     val_people = [_random_person(id_rng, used) for _ in range(n_val_identities)]
     test_people = [_random_person(id_rng, used) for _ in range(n_test_identities)]
     distractor_people = [_random_person(id_rng, used) for _ in range(n_distractors)]
-    sink = _Sink(root, size, 2 * (n_identities + n_val_identities + n_test_identities) + n_distractors, progress)
+    sink = _Sink(
+        root, size, framing, 2 * (n_identities + n_val_identities + n_test_identities) + n_distractors, progress
+    )
 
     train_paths, n_pairs = _train_split(sink, train_people, train_rng, n_train_files, train_captions_per_image)
     val_path, *_ = _eval_split(sink, "val", val_people, val_rng, test_captions_per_image)
@@ -727,5 +749,5 @@ def generate_mini_pab(
         n_val_images=2 * n_val_identities,
         n_test_images=2 * n_test_identities,
         n_gallery=len(test[0]) + n_distractors,
-        meta={"seed": seed, "image_size": list(size)},
+        meta={"seed": seed, "image_size": list(size), "framing": framing},
     )
