@@ -42,6 +42,28 @@ from .swin import Size, SwinEncoder, adaptive_pool_tokens, as_hw
 from .text import CMPTokenizer, find_vocab
 
 
+@torch.no_grad()
+def init_swin_bert_weights(model: nn.Module) -> None:
+    """Random init of a Swin + BERT model for training (shared by CMP and X-VLM/APTM): truncated normal (std 0.02) for
+    Linear weights and relative-position tables, normal (0.02) embeddings with a zero padding row, zero biases,
+    LayerNorm 1/0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            nn.init.trunc_normal_(p, std=0.02)
+
+
 class PoseAttention(nn.Module):
     """Multi-head attention with the pose tokens as query and the image tokens as key/value (`pose_block.attn`)."""
 
@@ -166,21 +188,7 @@ class CMP(RetrievalModel):
     def init_weights(self) -> None:
         """Random init for training from scratch: truncated normal (std 0.02) for Linear/Embedding/bias tables,
         LayerNorm 1/0, projection Linear std 1e-5 (as the reference's feature_mapping), temp = config.temp."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                nn.init.trunc_normal_(p, std=0.02)
+        init_swin_bert_weights(self)
         for proj in (self.vision_proj, self.text_proj):
             nn.init.normal_(proj[2].weight, std=1e-5)
             nn.init.zeros_(proj[2].bias)

@@ -29,7 +29,7 @@ from torch import nn
 from ...errors import TpasInputError
 from ..base import TRUST_CHECKPOINT, VOCAB, FamilyOption, Features, RetrievalModel
 from ..cmp.bert import BertForMaskedLM, BertModel, trim_trailing_padding
-from ..cmp.model import CMPPreprocess, cmp_final_scores, load_state_dict_strict
+from ..cmp.model import CMPPreprocess, cmp_final_scores, init_swin_bert_weights, load_state_dict_strict
 from ..cmp.swin import SwinEncoder
 from ..cmp.text import CMPTokenizer, find_vocab
 from .config import APTM_NORMS, ARCHITECTURE_FIELDS, XVLMConfig, infer_xvlm_config, observed_image_hw
@@ -99,21 +99,7 @@ class XVLMFamily(RetrievalModel):
     def init_weights(self) -> None:
         """Random init for training: truncated normal (std 0.02) for Linear weights and relative-position tables,
         normal (0.02) embeddings, zero biases, LayerNorm 1/0, temp = config.temp."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                nn.init.trunc_normal_(p, std=0.02)
+        init_swin_bert_weights(self)
         if self.config.mlm_head:
             self.text_encoder.cls.predictions.bias.zero_()
         self.temp.fill_(float(self.config.temp))
