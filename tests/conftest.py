@@ -13,6 +13,23 @@ from tpas.data.pab import GroundTruth, load_ground_truth
 from tpas.sims import SimsMatrix
 
 
+@pytest.fixture
+def cli(capsys):
+    """Run `tpas ...` through `main()` in-process: returns (exit code, stdout, stderr)."""
+    from tpas.cli import main
+
+    def run(*args: object) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """The suite runs on small shared machines: one intra-op thread everywhere (tests that need more set it)."""

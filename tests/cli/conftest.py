@@ -1,4 +1,4 @@
-"""Fixtures of the CLI tests: the console entry point run in-process, a tiny gallery, and the toy family."""
+"""Fixtures of the CLI tests: a tiny gallery and the toy family (the `cli` runner is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,6 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 from PIL import Image
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `tpas ...` through `main()` in-process: returns (exit code, stdout, stderr)."""
-    from tpas.cli import main
-
-    def run(*args: object) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 @pytest.fixture

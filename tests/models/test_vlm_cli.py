@@ -19,37 +19,20 @@ K = 4
 
 
 @pytest.fixture
-def tpas(capsys):
-    """Run `tpas ...` in-process: (exit code, stdout, stderr)."""
-    from tpas.cli import main
-
-    def run(*args: object) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
-
-@pytest.fixture
 def gallery(tmp_path: Path):
     g = make_vlm_gallery(tmp_path / "data")
     random_candidates(g, tmp_path / "cand.pt")
     return g
 
 
-def _infer_vlm(tpas, folder: Path, g, tmp_path: Path, out: str, *extra: object) -> tuple[int, str, str]:
-    return tpas("infer", "vlm", "--checkpoint", folder, "--images", g.images, "--queries", g.queries,
+def _infer_vlm(cli, folder: Path, g, tmp_path: Path, out: str, *extra: object) -> tuple[int, str, str]:
+    return cli("infer", "vlm", "--checkpoint", folder, "--images", g.images, "--queries", g.queries,
                 "--candidates", tmp_path / "cand.pt", "--rerank-k", K, "--batch-size", 8, "--workers", 0,
                 "--no-cache", "--out", tmp_path / out, *extra)  # fmt: skip
 
 
-def test_help_lists_the_vlm_options(tpas) -> None:
-    code, out, _ = tpas("infer", "vlm", "--help")
+def test_help_lists_the_vlm_options(cli) -> None:
+    code, out, _ = cli("infer", "vlm", "--help")
     assert code == 0
     for flag in ("vlm options", "--prompt", "--prompt-file", "--system", "--score", "--yes", "--no", "--instruction",
                  "--adapter", "--merge-adapter", "--attn-implementation", "--min-pixels", "--max-pixels",
@@ -57,9 +40,9 @@ def test_help_lists_the_vlm_options(tpas) -> None:
         assert flag in out, flag
 
 
-def test_cli_run_equals_the_library_run(tpas, vlm_dirs, gallery, tmp_path) -> None:
+def test_cli_run_equals_the_library_run(cli, vlm_dirs, gallery, tmp_path) -> None:
     folder = vlm_dirs["qwen2_vl"]
-    code, out, err = _infer_vlm(tpas, folder, gallery, tmp_path, "cli.pt", "--score", "p-yes", "--yes", "yes,YES")
+    code, out, err = _infer_vlm(cli, folder, gallery, tmp_path, "cli.pt", "--score", "p-yes", "--yes", "yes,YES")
     assert code == 0, err
     assert "5 queries x 8 gallery images (vlm)" in out
     got = SimsMatrix.load(tmp_path / "cli.pt")
@@ -70,18 +53,18 @@ def test_cli_run_equals_the_library_run(tpas, vlm_dirs, gallery, tmp_path) -> No
     assert got.meta["model"]["yes_tokens"] == ["yes", " yes"] and 0 <= float(got.values.min()) <= 1
 
 
-def test_cli_reranker_and_adapter_options_reach_the_model(tpas, vlm_dirs, gallery, tmp_path) -> None:
+def test_cli_reranker_and_adapter_options_reach_the_model(cli, vlm_dirs, gallery, tmp_path) -> None:
     folder = vlm_dirs["qwen3_vl"]
     reranker = ("--score", "qwen3-vl-reranker", "--instruction", "Find the person.")
-    code, _, err = _infer_vlm(tpas, folder, gallery, tmp_path, "rr.pt", *reranker, "--max-pixels", 8192)
+    code, _, err = _infer_vlm(cli, folder, gallery, tmp_path, "rr.pt", *reranker, "--max-pixels", 8192)
     assert code == 0, err
     meta = SimsMatrix.load(tmp_path / "rr.pt").meta
     assert meta["model"]["instruction"] == "Find the person." and meta["score"] == "qwen3-vl-reranker"
     assert meta["model"]["image_processor"]["size"]["longest_edge"] == 8192
     lora = _lora(folder, tmp_path / "lora", 0.5)
-    code, _, err = _infer_vlm(tpas, folder, gallery, tmp_path, "a.pt", "--adapter", lora, "--merge-adapter")
+    code, _, err = _infer_vlm(cli, folder, gallery, tmp_path, "a.pt", "--adapter", lora, "--merge-adapter")
     assert code == 0, err
-    code, _, err = _infer_vlm(tpas, folder, gallery, tmp_path, "p.pt")
+    code, _, err = _infer_vlm(cli, folder, gallery, tmp_path, "p.pt")
     assert code == 0, err
     tuned, plain = SimsMatrix.load(tmp_path / "a.pt"), SimsMatrix.load(tmp_path / "p.pt")
     assert tuned.meta["adapter"] == str(lora) and (tuned.values - plain.values).abs().max() > 1e-2
@@ -97,14 +80,14 @@ def test_cli_reranker_and_adapter_options_reach_the_model(tpas, vlm_dirs, galler
         (("--arch", "x"), "--arch"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_exit_2(tpas, vlm_dirs, gallery, tmp_path, extra, needle) -> None:
-    code, _, err = _infer_vlm(tpas, vlm_dirs["idefics3"], gallery, tmp_path, "bad.pt", *extra)
+def test_cli_bad_input_is_one_line_and_exit_2(cli, vlm_dirs, gallery, tmp_path, extra, needle) -> None:
+    code, _, err = _infer_vlm(cli, vlm_dirs["idefics3"], gallery, tmp_path, "bad.pt", *extra)
     assert code == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_cli_ensemble_and_evaluate_consume_the_output(tpas, vlm_dirs, gallery, tmp_path) -> None:
+def test_cli_ensemble_and_evaluate_consume_the_output(cli, vlm_dirs, gallery, tmp_path) -> None:
     from tpas.data.pab import read_queries
 
     records = [{"image": f"test/{gid}.jpg", "image_id": f"p{i}", "caption": [c]}
@@ -116,7 +99,7 @@ def test_cli_ensemble_and_evaluate_consume_the_output(tpas, vlm_dirs, gallery, t
     SimsMatrix(qids, gallery.gallery_ids, scores=torch.rand(len(qids), 8, generator=gen), source="pool").save(
         tmp_path / "cand.pt"
     )
-    code, _, err = tpas("infer", "vlm", "--checkpoint", vlm_dirs["qwen2_vl"], "--images", gallery.images,
+    code, _, err = cli("infer", "vlm", "--checkpoint", vlm_dirs["qwen2_vl"], "--images", gallery.images,
                         "--queries", ann, "--candidates", tmp_path / "cand.pt", "--rerank-k", K, "--workers", 0,
                         "--out", tmp_path / "qwen.pt")  # fmt: skip
     assert code == 0, err
@@ -125,9 +108,9 @@ def test_cli_ensemble_and_evaluate_consume_the_output(tpas, vlm_dirs, gallery, t
         "normalize: {method: zmuv, scope: query}\n"
         "fuse: {method: wsum, order: [pool, qwen], weights: {pool: 0.3, qwen: 1.0}}\n"
     )
-    code, _, err = tpas("ensemble", "--config", tmp_path / "fuse.yaml", "--out", tmp_path / "fused.pt")
+    code, _, err = cli("ensemble", "--config", tmp_path / "fuse.yaml", "--out", tmp_path / "fused.pt")
     assert code == 0, err
-    code, _, err = tpas("evaluate", tmp_path / "fused.pt", "--gt", ann, "--json", tmp_path / "m.json")
+    code, _, err = cli("evaluate", tmp_path / "fused.pt", "--gt", ann, "--json", tmp_path / "m.json")
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) == {"R@1", "R@5", "R@10", "mAP", "mINP"}

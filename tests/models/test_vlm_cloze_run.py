@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models.test_vlm_cli import tpas  # noqa: F401  (the in-process CLI fixture)
 from tests.models.vlm_models import make_vlm_gallery, random_candidates
 from tpas.errors import TpasInputError
 from tpas.models.engine import infer
@@ -120,9 +119,9 @@ def test_lexicon_extension_and_option_checks(vlm_dirs, tmp_path) -> None:
             VLMReranker.from_checkpoint(folder, **options)
 
 
-def test_cli_cloze_run_is_deterministic_and_resumes(tpas, vlm_dirs, gallery, tmp_path) -> None:  # noqa: F811
+def test_cli_cloze_run_is_deterministic_and_resumes(cli, vlm_dirs, gallery, tmp_path) -> None:
     def run(out: str, *extra: object):
-        return tpas("infer", "vlm", "--checkpoint", vlm_dirs["qwen3_vl"], "--images", gallery.images,
+        return cli("infer", "vlm", "--checkpoint", vlm_dirs["qwen3_vl"], "--images", gallery.images,
                     "--queries", gallery.queries, "--candidates", tmp_path / "cand.pt", "--rerank-k", K,
                     "--batch-size", 6, "--workers", 0, "--score", "cloze", "--max-new-tokens", 5,
                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / out, *extra)  # fmt: skip
