@@ -14,8 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import TpasInputError
 
 CONFIG_KINDS = ("models", "ensemble", "train")
@@ -135,6 +133,8 @@ def read_yaml(path: str | Path, expected: str = "a YAML mapping") -> dict[str, A
 
     `expected` says what the file should hold, for the error when it holds something else.
     """
+    import yaml  # here, not at the top: `tpas evaluate` imports this module and reads no YAML
+
     path = Path(path)
     if not path.is_file():
         raise TpasInputError("config file not found", path)
@@ -158,6 +158,8 @@ def read_yaml(path: str | Path, expected: str = "a YAML mapping") -> dict[str, A
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.path=value` -> (key path, YAML value; an empty value is null); TpasInputError without `=` or a key."""
+    import yaml
+
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not all(key.split(".")):

@@ -126,3 +126,26 @@ def test_unknown_match_or_tie_rule_is_an_input_error(tiny_gt):
         TpasInputError, match=r"--ties: 'random' is not one of \['stable', 'optimistic', 'pessimistic'\]"
     ):
         evaluate(t.sims, t.gt, ties="random")
+
+
+def test_row_ranges_on_worker_threads_rank_as_one_call(tiny_gt, monkeypatch):
+    # evaluate() ranks dense rows in ranges on worker threads; every row must come out as in one serial call, also
+    # for a row subset (extra matrix rows) and with ties (quantised scores).
+    t = tiny_gt(n_images=7, captions=2, distractors=9, seed=3)
+    scores = (torch.cat([t.sims.scores, torch.rand(3, len(t.gallery_ids))]) * 4).round()
+    sims = SimsMatrix([*t.sims.query_ids, "x:0", "y:0", "z:0"], t.gallery_ids, scores=scores)
+    serial = evaluate(sims, t.gt).per_query["rank"].tolist()
+    monkeypatch.setenv("TPAS_THREADS", "3")
+    assert evaluate(sims, t.gt).per_query["rank"].tolist() == serial
+    cols = [t.gallery_ids.index(t.gt.relevant[q]) for q in t.gt.query_ids]
+    assert serial == [brute_rank(scores[i].tolist(), c) for i, c in enumerate(cols)]
+
+
+def test_tables_are_built_on_demand_and_agree_with_the_metrics(tiny_gt):
+    t = tiny_gt(n_images=5, captions=2, distractors=4, seed=2)
+    gt = load_ground_truth(t.annotation)
+    assert gt._frame is None  # reading the annotation builds no DataFrame (no pandas import)
+    assert gt.columns == list(gt.frame.columns)
+    ev = evaluate(t.sims, gt)
+    assert ev.summary() == {"n": 10, **ev.overall.iloc[0].to_dict()}
+    assert ev.metrics() == {k: float(ev.overall.loc["all", k]) for k in METRICS}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,14 +13,15 @@ from .common import MATCH_HELP, TIES_HELP, choice, console, err_console, existin
 app = typer.Typer()
 
 
-def _metrics_table(title: str, frame: object, index_name: str) -> object:
+def _metrics_table(title: str, rows: dict[Any, dict[str, Any]], index_name: str) -> object:
+    """A rich table of metric rows ({row name: {"n": ..., metric: percent}}), one column per key of the first row."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column(index_name)
-    for col in frame.columns:
+    for col in next(iter(rows.values()), {}):
         table.add_column(col, justify="right")
-    for name, row in frame.iterrows():
+    for name, row in rows.items():
         table.add_row(str(name), *(str(int(v)) if c == "n" else f"{v:.2f}" for c, v in row.items()))
     return table
 
@@ -57,9 +58,10 @@ def evaluate_cmd(
         atomic_write(per_query, lambda tmp: ev.per_query.to_csv(tmp, index=False))
     if json_out is not None:
         atomic_write(json_out, lambda tmp: tmp.write_text(_json.dumps(ev.metrics(), indent=2) + "\n"))
-    console.print(_metrics_table(f"{sims.name} vs {gt.name} (ties: {ties}, match: {match})", ev.overall, "queries"))
+    title = f"{sims.name} vs {gt.name} (ties: {ties}, match: {match})"
+    console.print(_metrics_table(title, {"all": ev.summary()}, "queries"))  # the metrics alone need no pandas
     for col in ev.by:
-        console.print(_metrics_table(f"by {col}", ev.breakdown(col), col))
+        console.print(_metrics_table(f"by {col}", ev.breakdown(col).to_dict("index"), col))
     if ev.unscored_rows:
         console.print(f"note: {ev.unscored_rows} matrix rows are not ground-truth queries and were not scored")
     for path in (per_query, json_out):

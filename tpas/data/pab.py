@@ -471,19 +471,48 @@ def read_gallery_ids(path: str | Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- ground truth
-@dataclass
 class GroundTruth:
     """Which gallery image each query should find, plus the annotation columns to break results down by.
 
     `frame` is indexed by query id, in annotation order, with columns `caption`, `gallery_id`, `image_id`,
     `behaviour` ("normal"/"anomaly", or "" when the record says neither), `action`, and every other attribute of the
-    record (`scene`, ...) when present.
+    record (`scene`, ...) when present. Built from the annotation's `rows` on first use: scoring needs only
+    `relevant`, and importing pandas would double `tpas evaluate`'s own time.
     """
 
-    query_ids: list[str]
-    relevant: dict[str, str]
-    frame: Any  # pandas.DataFrame; typed loosely so importing this module does not import pandas
-    path: Path | None = None
+    def __init__(
+        self,
+        query_ids: list[str],
+        relevant: dict[str, str],
+        frame: Any = None,
+        path: Path | None = None,
+        *,
+        rows: list[dict[str, str]] | None = None,
+    ) -> None:
+        self.query_ids, self.relevant, self.path = query_ids, relevant, path
+        self._frame, self._rows = frame, rows
+
+    @property
+    def frame(self) -> Any:
+        """The annotation columns as a pandas.DataFrame (typed loosely so this module does not import pandas)."""
+        if self._frame is None and self._rows is not None:
+            import pandas as pd
+
+            # Records without an attribute get "" (not NaN), so breakdowns keep them as their own group.
+            self._frame = pd.DataFrame(self._rows, index=pd.Index(self.query_ids, name="query_id")).fillna("")
+            self._rows = None
+        return self._frame
+
+    @frame.setter
+    def frame(self, value: Any) -> None:
+        self._frame, self._rows = value, None
+
+    @property
+    def columns(self) -> list[str]:
+        """Names of `frame`'s columns (without building it)."""
+        if self._rows is None:
+            return [] if self._frame is None else list(self._frame.columns)
+        return list(dict.fromkeys(k for row in self._rows for k in row))
 
     def identity_groups(self) -> dict[str, list[str]]:
         """Gallery ids of each identity (`image_id`), for identity matching: {image_id: [gallery ids]}."""
@@ -497,8 +526,6 @@ class GroundTruth:
 
 def ground_truth_from_records(records: Sequence[TestRecord], path: str | Path | None = None) -> GroundTruth:
     """Build the ground truth of test records: each caption's relevant image is its own record's image."""
-    import pandas as pd
-
     rows: list[dict[str, str]] = []
     qids: list[str] = []
     seen: dict[str, int] = {}
@@ -529,14 +556,8 @@ def ground_truth_from_records(records: Sequence[TestRecord], path: str | Path | 
             )
     if not rows:
         raise TpasInputError("holds no captions", path)
-    # Records without an attribute get "" (not NaN), so breakdowns keep them as their own group.
-    frame = pd.DataFrame(rows, index=pd.Index(qids, name="query_id")).fillna("")
-    return GroundTruth(
-        query_ids=qids,
-        relevant=dict(zip(qids, frame["gallery_id"], strict=True)),
-        frame=frame,
-        path=None if path is None else Path(path),
-    )
+    relevant = {q: row["gallery_id"] for q, row in zip(qids, rows, strict=True)}
+    return GroundTruth(qids, relevant, path=None if path is None else Path(path), rows=rows)
 
 
 def load_ground_truth(path: str | Path) -> GroundTruth:

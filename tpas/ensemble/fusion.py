@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from ..errors import TpasInputError
+from ..parallel import map_row_ranges
 from ..ranking import topk_stable
 from ..sims import SimsMatrix
 from .normalize import AffineParams, affine_params, check_method, minmax_params_from_stats, normalize
-from .parallel import map_row_ranges
 from .rerank_fill import FilledTopK
 
 FUSIONS: dict[str, Callable[..., None]] = {}

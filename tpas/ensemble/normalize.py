@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TpasInputError
-from .parallel import map_row_ranges
+from ..parallel import map_row_ranges
 
 SCOPES = ("global", "query")
 NORMALIZERS: dict[str, Callable[..., torch.Tensor]] = {}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel import map_row_ranges
 from ..ranking import topk_stable
 from ..sims import SimsMatrix
-from .parallel import map_row_ranges
 
 
 def scores_of(m: SimsMatrix, inplace: bool = False) -> torch.Tensor:

@@ -25,9 +25,9 @@ import torch
 
 from ..errors import TpasInputError
 from ..io import resolve_against
+from ..parallel import map_row_ranges
 from ..sims import SimsMatrix
 from .fusion import block_rows
-from .parallel import map_row_ranges
 from .reorder import scores_of, top_candidates, with_post_step
 
 RESCORERS: dict[str, Callable[..., torch.Tensor]] = {}

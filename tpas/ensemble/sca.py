@@ -22,8 +22,8 @@ import torch
 
 from ..errors import TpasInputError
 from ..io import resolve_against
+from ..parallel import map_row_ranges
 from ..sims import SimsMatrix
-from .parallel import map_row_ranges
 from .reorder import move_to_front, ranked_scores, top1_collisions, top_candidates, with_post_step
 
 CONFIDENCES = ("top1", "margin", "softmax")

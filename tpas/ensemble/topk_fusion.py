@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..parallel import map_row_ranges
 from ..ranking import topk_stable
 from .fusion import FuseSpec, LinearFusion, Prepared, block_rows, fused_dtype, fusion_kernel
-from .parallel import map_row_ranges
 
 Terms = tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]  # (bias [Q, 1], [(columns, term) [Q, K]])
 

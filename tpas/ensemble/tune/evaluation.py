@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import TpasInputError
+from ...parallel import map_row_ranges
 from ...ranking import Ties, relevant_ranks
 from ...scoring.metrics import aggregate, per_query_metrics
 from ...scoring.relevance import Match, join_ground_truth
 from ...sims import SimsMatrix
 from ..config import EnsembleConfig
 from ..fusion import Prepared, block_rows, fuse_prepared, fused_dtype, fusion_kernel, prepare
-from ..parallel import map_row_ranges
 from ..pipeline import apply_post, load_inputs
 from .space import apply_params
 

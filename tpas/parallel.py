@@ -1,4 +1,4 @@
-"""Row-parallel execution for the ensemble's block loops.
+"""Row-parallel execution for block loops over query rows (the ensemble's, ranking in `evaluate`).
 
 Each worker thread owns a contiguous range of query rows and runs torch ops with ONE intra-op thread (torch releases
 the GIL inside ops, so the workers really run in parallel). Many small ops on cache-sized blocks are then free of
