@@ -152,3 +152,13 @@ def test_bad_arguments_are_rejected():
         gt_ranks(s, torch.tensor([0, 3]))
     with pytest.raises(ValueError):
         gt_ranks(s, torch.tensor([0, 1]), "random")
+
+
+def test_padding_cells_tied_with_column_zero_leave_ranks_unchanged():
+    # Identity matching pads short rows with -1; a padding cell reads column 0's score, which here ties with most of
+    # the row, so without `valid` in the tie mask it would go through the per-cell tie loop (and must stay 0).
+    rows = [[1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5], [3.0, 1.0, 1.0, 1.0, 3.0, 0.0]]
+    scores = torch.tensor(rows)
+    rel = [[4, -1, -1], [5, 2, -1], [1, 2, 3]]
+    for ties in Ties:
+        assert relevant_ranks(scores, torch.tensor(rel), ties).tolist() == brute_ranks(scores, rel, ties)

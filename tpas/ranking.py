@@ -201,7 +201,8 @@ def _chunk_ranks(
         return rank
     # Stable: irrelevant columns with the same score *and a lower column index* also come first. Only cells whose
     # score ties with an irrelevant column need this, so compute it for those rows alone.
-    tied = ((equal - rel_equal) > 0).nonzero().tolist()
+    # Padding cells (-1, read as column 0) are masked out at the end: keep them out of the per-cell loop too.
+    tied = (((equal - rel_equal) > 0) & valid).nonzero().tolist()
     if tied:
         # |d| is 0 exactly at the cells tied with relevant j, so the tied cells left of column j number
         # j - sum(|d|[:j]). One slice sum per tied cell: it only reads, and stays serial (no thread fan-out), which
