@@ -449,7 +449,7 @@ def test_cli_rerank_with_a_registered_family(tiny_gallery: TinyGallery, tmp_path
 class GlobalToy(ToyMatchModel):
     """A final combination that normalises over the whole matrix (as CMP's does): shards must not apply it alone."""
 
-    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor, top: object = None) -> torch.Tensor:
         return (reranked - reranked.min()) / (reranked.max() - reranked.min()) + 0.01 * itc
 
 
@@ -590,8 +590,8 @@ def test_keep_top_equals_the_dense_paths_top_k(tiny_gallery: TinyGallery, tiny_c
     torch.testing.assert_close(small.values, want.values, atol=1e-6, rtol=0)
     with pytest.raises(TpasInputError, match="--keep-top must be >= 1"):
         infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=0, **kw)
-    with pytest.raises(TpasInputError, match="--keep-top cannot be combined with --rerank-k"):
-        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=4, rerank_k=2, **kw)
+    with pytest.raises(TpasInputError, match="--dtype must be one of fp32, fp16"):
+        infer(model, tiny_gallery.images, tiny_gallery.queries, tmp_path / "x.pt", keep_top=4, dtype="bf16", **kw)
 
 
 def test_cli_keep_top_equals_the_dense_runs_top_k(tiny_gallery: TinyGallery, tiny_clip_checkpoint: Path,

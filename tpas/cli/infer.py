@@ -85,7 +85,14 @@ def infer_family(
     ] = False,
     keep_top: Annotated[
         int | None,
-        typer.Option("--keep-top", help="Keep each query's top-K only (gallery in blocks, never the dense [Q, G])."),
+        typer.Option(
+            "--keep-top",
+            help="Keep each query's top-K only (gallery in blocks, never the dense [Q, G]); with --rerank-k k <= K "
+            "the top-k of it are re-ranked and every matrix written is top-K.",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Score storage of the written matrices: fp32 | fp16 (in meta).")
     ] = None,
 ) -> None:
     """Build `family` with its own options, run the engine, print where the matrices went (rank 0 only)."""
@@ -117,6 +124,7 @@ def infer_family(
             skip_bad_images=skip_bad_images,
             progress=RichInferProgress(bar),
             keep_top=keep_top,
+            dtype=dtype,
         )
     if not show:
         return

@@ -124,8 +124,11 @@ class RetrievalModel(torch.nn.Module):
         """Match scores [N] for paired rows (text item i with image item i). Only families with an ITM head."""
         raise NotImplementedError(f"{self.family} has no matching head")
 
-    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
-        """Final [Q, G] scores from the filled re-rank matrix and the ITC matrix. Default: the re-rank matrix."""
+    def finalize_rerank(
+        self, reranked: torch.Tensor, itc: torch.Tensor, top: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final [Q, G] scores from the filled re-rank matrix, the ITC matrix and (when known) the re-ranked columns
+        `top` [Q, k] of each row. Default: the re-rank matrix."""
         return reranked
 
 

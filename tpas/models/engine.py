@@ -38,11 +38,11 @@ from ..data.pab import Query, list_gallery, read_queries
 from ..errors import TpasInputError
 from ..resources import check_dense_fits, out_of_memory_hint
 from ..runtime import Autocast, Distributed, distributed, precision_policy, resolve_device
-from ..sims import SimsMatrix
+from ..sims import STORAGE_DTYPES, SimsMatrix
 from ..topk import topk_similarity
 from .base import Features, RetrievalModel
 from .cache import FeatureStore, cached_sha256, default_cache_dir, item_key
-from .rerank import Reranked, load_candidates, rerank_topk, to_device
+from .rerank import Reranked, final_on_kept, load_candidates, match_candidates, rerank_topk, to_device
 
 # Elements of one [Q, G-block, ...] similarity intermediate; bounds memory for token-level (BLIP-2) similarity.
 _SIM_BLOCK_ELEMS = 1 << 27
@@ -190,6 +190,7 @@ def infer(
     rerank_k: int | None = None,
     candidates: str | Path | SimsMatrix | None = None,
     keep_top: int | None = None,
+    dtype: str | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     device: str = "auto",
@@ -210,7 +211,10 @@ def infer(
         rerank_k: re-rank each query's top-k with the model's matching head.
         candidates: take each query's top-k from this matrix (another model's) instead of the model's own ITC.
         keep_top: write each query's top-K only (`tpas.topk`: gallery blocks, never the dense [Q, G]; exactly the
-            dense matrix's top-K under the stable tie rule). Not combined with `rerank_k` yet.
+            dense matrix's top-K under the stable tie rule). With `rerank_k` (<= keep_top) each query's top-k of
+            that top-K is re-ranked; every written matrix is then top-K (`final_on_kept`).
+        dtype: score storage of the written files, "fp32" or "fp16" (`SimsMatrix.save`; recorded in meta as
+            `dtype`); default: float32. The returned matrix keeps the float32 scores.
         batch_size: images / captions / (query, image) pairs per forward pass.
         num_workers: DataLoader worker processes for decoding (None: `default_num_workers()`; 0: in-process).
         device: "auto", "cpu", "cuda", "cuda:N" (`tpas.runtime.resolve_device`).
@@ -224,7 +228,11 @@ def infer(
         The written matrix (the re-ranked one when re-ranking); every rank returns it under torchrun. Under torchrun
         the run joins the caller's process group, or creates one and destroys it before returning.
     """
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise TpasInputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if getattr(model, "pair_reranker", False):  # VLM re-rankers score candidate pairs only (tpas.models.vlm)
+        if dtype is not None:
+            raise TpasInputError(f"--dtype does not apply to {model.family}: it writes top-k pair scores only")
         return model.rerank_pairs(images_dir, queries, out, pose_dir=pose_dir, rerank_k=rerank_k, candidates=candidates,
                                   batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                                   cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
@@ -266,13 +274,15 @@ def infer(
             meta = _meta(model, sha, precision, dev, images_dir, queries, gallery, skipped, dist.world)
             if keep_top is not None:
                 meta["keep_top"] = keep_top
+            if dtype is not None:
+                meta["dtype"] = dtype
             if rerank_k is not None:
                 meta.update(rerank_k=rerank_k, itc_file=itc_path_for(out).name)
                 if candidates is not None:
                     meta["candidates"] = str(candidates) if isinstance(candidates, (str, Path)) else candidates.source
             matrices = _matrices(model, parts, query_ids, gallery_ids, meta)
             if dist.rank == 0:
-                _save(matrices, out)
+                _save(matrices, out, dtype)
             dist.barrier()
             return matrices[0]
 
@@ -320,8 +330,12 @@ def _check_arguments(
     if keep_top is not None:
         if keep_top < 1:
             raise TpasInputError(f"--keep-top must be >= 1, got {keep_top}")
-        if rerank_k is not None:
-            raise TpasInputError("--keep-top cannot be combined with --rerank-k yet (the re-rank needs dense ITC)")
+        if rerank_k is not None and rerank_k > keep_top:
+            raise TpasInputError(
+                f"--rerank-k {rerank_k} re-ranks from the kept top-{keep_top}: it must be <= --keep-top"
+            )
+        if candidates is not None:
+            raise TpasInputError("--keep-top re-ranks its own ITC top-K; --candidates needs the dense path")
     if batch_size < 1:
         raise TpasInputError(f"--batch-size must be >= 1, got {batch_size}")
     if rerank_k is not None:
@@ -512,13 +526,23 @@ def similarity_matrix(
 
 def top_similarity(
     model: RetrievalModel, text: torch.Tensor, image: torch.Tensor, dev: torch.device, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's top-k of `similarity_matrix` (same blocks, same values) without holding [Q, G] (`tpas.topk`)."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each query's top-k of `similarity_matrix` (same blocks, same values) without holding [Q, G] (`tpas.topk`),
+    and the minimum over all of [Q, G] (a family's final combination may min-max the whole ITC matrix)."""
     tokens = image[0].numel() // image.shape[-1] if len(image) else 1
     block = max(1, _SIM_BLOCK_ELEMS // (max(1, tokens) * max(1, text.shape[0])))
     t = text.to(dev)
+    low = float("inf")
+
+    def scores(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        nonlocal low
+        s = model.similarity(q, g.to(dev)).float().cpu()
+        low = min(low, float(s.min())) if s.numel() else low
+        return s
+
     with torch.inference_mode():
-        return topk_similarity(t, image, k, lambda q, g: model.similarity(q, g.to(dev)).float().cpu(), block)
+        idx, vals = topk_similarity(t, image, k, scores, block)
+    return idx, vals, low
 
 
 def _fill_columns(scores: torch.Tensor, cols: list[int], n: int) -> torch.Tensor:
@@ -546,9 +570,21 @@ def _score_queries(
     n = len(keys)
     image_embed = store.load([keys[i] for i in good], names=["embed"])["embed"]
     text = encode_texts(run.model, captions, run.dev, run.autocast, run.batch_size, run.progress)
+
+    def images(cols: torch.Tensor) -> Features:
+        return store.load([keys[int(g)] for g in cols])
+
     if keep_top is not None:
-        idx, vals = top_similarity(run.model, text["embed"], image_embed, run.dev, keep_top)
-        return (torch.tensor(good, dtype=torch.long)[idx], vals), None  # unreadable images are simply not kept
+        idx, vals, low = top_similarity(run.model, text["embed"], image_embed, run.dev, keep_top)
+        cols = torch.tensor(good, dtype=torch.long)[idx]  # unreadable images are simply not kept
+        if rerank_k is None:
+            return (cols, vals, low), None
+        # The first k of the stable top-K are the dense path's top-k (unreadable images never among them).
+        top = cols[:, : min(rerank_k, cols.shape[1])]
+        matched = match_candidates(
+            run.model, images, text, top, run.dev, run.autocast, run.batch_size, _rerank_report(run)
+        )
+        return (cols, vals, low), Reranked(None, top, matched)
     itc = _fill_columns(similarity_matrix(run.model, text["embed"], image_embed, run.dev), good, n)
     if rerank_k is None:
         return itc, None
@@ -558,17 +594,21 @@ def _score_queries(
     if len(good) < n:
         skipped = sorted(set(range(n)) - set(good))
         masked[:, skipped] = float("-inf")
+    k = min(rerank_k, len(good))
+    return itc, rerank_topk(
+        run.model, images, text, masked, k, run.dev, run.autocast, run.batch_size, _rerank_report(run)
+    )
+
+
+def _rerank_report(run: _Run) -> Callable[[int, int], None]:
+    """The re-rank's progress callback: pairs done, of all, and pairs per second since it was made."""
     t0 = time.perf_counter()
 
     def report(done: int, total: int) -> None:
         if run.progress:
             run.progress(InferProgress("rerank", done, total, done / max(time.perf_counter() - t0, 1e-9)))
 
-    def images(cols: torch.Tensor) -> Features:
-        return store.load([keys[int(g)] for g in cols])
-
-    k = min(rerank_k, len(good))
-    return itc, rerank_topk(run.model, images, text, masked, k, run.dev, run.autocast, run.batch_size, report)
+    return report
 
 
 def _matrices(
@@ -581,33 +621,43 @@ def _matrices(
     """(result, itc, raw itm) from every rank's rows: the ITC matrix alone, or the re-ranked one with both others."""
     base = {k: v for k, v in meta.items() if k not in ("rerank_k", "itc_file", "candidates")}
     itc_source = f"{model.family}-itc" if model.has_match_head else model.family
-    if isinstance(parts[0][0], tuple):  # keep_top: each rank's (indices, values)
-        form = {"indices": torch.cat([p[0][0] for p in parts]), "values": torch.cat([p[0][1] for p in parts])}
-        return SimsMatrix(query_ids, gallery_ids, **form, source=itc_source, meta=base), None, None
-    itc_all = torch.cat([p[0] for p in parts])
-    itc_m = SimsMatrix(query_ids, gallery_ids, scores=itc_all, source=itc_source, meta=base)
-    if "rerank_k" not in meta:
-        return itc_m, None, None
     reranked = [p[1] for p in parts if p[1] is not None]
-    # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
-    filled = torch.cat([r.filled for r in reranked])
-    final = model.finalize_rerank(filled, itc_all).float().cpu()
-    result = SimsMatrix(query_ids, gallery_ids, scores=final, source=f"{model.family}-itm", meta=dict(meta))
+    top = torch.cat([r.top for r in reranked]) if reranked else None
+    matched = torch.cat([r.scores for r in reranked]).float() if reranked else None
+    if isinstance(parts[0][0], tuple):  # keep_top: each rank's (indices, values, ITC minimum)
+        idx, vals = torch.cat([p[0][0] for p in parts]), torch.cat([p[0][1] for p in parts])
+        itc_m = SimsMatrix(query_ids, gallery_ids, indices=idx, values=vals, source=itc_source, meta=base)
+        if matched is None:
+            return itc_m, None, None
+        # Global ITC minimum over every rank's rows, as the dense path's finalize_rerank sees it.
+        final = final_on_kept(model, vals, min(p[0][2] for p in parts), matched)
+        form: dict[str, torch.Tensor] = {"indices": idx, "values": final}
+    else:
+        itc_all = torch.cat([p[0] for p in parts])
+        itc_m = SimsMatrix(query_ids, gallery_ids, scores=itc_all, source=itc_source, meta=base)
+        if matched is None:
+            return itc_m, None, None
+        # On the whole matrix, never per shard: a family's final combination may normalise globally (CMP).
+        filled = torch.cat([r.filled for r in reranked])
+        form = {"scores": model.finalize_rerank(filled, itc_all, top).float().cpu()}
+    result = SimsMatrix(query_ids, gallery_ids, **form, source=f"{model.family}-itm", meta=dict(meta))
     itm_m = SimsMatrix(
         query_ids,
         gallery_ids,
-        indices=torch.cat([r.top for r in reranked]),
-        values=torch.cat([r.scores for r in reranked]).float(),
+        indices=top,
+        values=matched,
         source=f"{model.family}-itm-raw",
         meta=dict(meta, fill="unscored"),
     )
     return result, itc_m, itm_m
 
 
-def _save(matrices: tuple[SimsMatrix, SimsMatrix | None, SimsMatrix | None], out: Path) -> None:
+def _save(
+    matrices: tuple[SimsMatrix, SimsMatrix | None, SimsMatrix | None], out: Path, dtype: str | None = None
+) -> None:
     """Write the result to `out`; a re-ranked run's ITC and raw ITM files first, so a finished `out` has them."""
     result, itc_m, itm_m = matrices
     if itc_m is not None and itm_m is not None:
-        itc_m.save(itc_path_for(out))
-        itm_m.save(itm_path_for(out))
-    result.save(out)
+        itc_m.save(itc_path_for(out), dtype=dtype)
+        itm_m.save(itm_path_for(out), dtype=dtype)
+    result.save(out, dtype=dtype)

@@ -34,10 +34,11 @@ RerankProgress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Reranked:
-    """A re-rank of q queries: `filled` [q, G] (top-k cells = match score, others = the row's minimum of them),
-    `top` [q, k] the re-ranked gallery columns (best first-stage first), `scores` [q, k] their match scores."""
+    """A re-rank of q queries: `filled` [q, G] (top-k cells = match score, others = the row's minimum of them; None
+    from a top-K run, which never holds [q, G]), `top` [q, k] the re-ranked gallery columns (best first-stage
+    first), `scores` [q, k] their match scores."""
 
-    filled: torch.Tensor
+    filled: torch.Tensor | None
     top: torch.Tensor
     scores: torch.Tensor
 
@@ -80,6 +81,24 @@ def rerank_topk(
     if q == 0:
         return Reranked(torch.empty(0, g), torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
     top = topk_stable(first, k)  # [q, k] gallery columns
+    matched = match_candidates(model, images, text, top, device, autocast, batch_size, progress)
+    filled = matched.min(dim=1, keepdim=True).values.expand(q, g).clone()
+    filled.scatter_(1, top, matched)
+    return Reranked(filled, top, matched)
+
+
+def match_candidates(
+    model: RetrievalModel,
+    images: ImageFeatures,
+    text: Features,
+    top: torch.Tensor,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    batch_size: int = 256,
+    progress: RerankProgress | None = None,
+) -> torch.Tensor:
+    """Match scores [q, k] of each row's candidate gallery columns `top` [q, k] (arguments as `rerank_topk`)."""
+    q, k = top.shape
     rows = torch.arange(q).repeat_interleave(k)
     cols = top.reshape(-1)
     # Pairs ordered by image, so a batch reads few images (and few store chunks).
@@ -98,10 +117,29 @@ def rerank_topk(
             progress(s + len(r), len(rows))
     matched = torch.empty(q * k)
     matched[order] = scores  # back to (row, rank) order
-    matched = matched.view(q, k)
-    filled = matched.min(dim=1, keepdim=True).values.expand(q, g).clone()
-    filled.scatter_(1, top, matched)
-    return Reranked(filled, top, matched)
+    return matched.view(q, k)
+
+
+def final_on_kept(
+    model: RetrievalModel,
+    itc_values: torch.Tensor,
+    itc_min: float,
+    matched: torch.Tensor,
+) -> torch.Tensor:
+    """The family's final scores [Q, K] on each row's ITC top-K cells, equal to the dense path's on those cells.
+
+    `itc_values` [Q, K] are the rows' K best ITC scores (best first), `matched` [Q, k] the match scores of their
+    first k (k <= K), `itc_min` the ITC minimum over the whole [Q, G] matrix. `finalize_rerank` runs on a compact
+    [Q, K + 1] matrix: the K kept cells plus one column standing for every cell not kept (ITC at the global minimum,
+    unscored). Each family's rule reads per cell, per row or global minima and maxima, which that column preserves
+    (the unscored cells share one filled value; the global ITC extremes are the top-1 maximum and `itc_min`).
+    """
+    q, k = matched.shape
+    itc = torch.cat([itc_values.float(), torch.full((q, 1), float(itc_min))], dim=1)
+    filled = matched.min(dim=1, keepdim=True).values.expand(q, itc.shape[1]).clone()
+    filled[:, :k] = matched
+    top = torch.arange(k).expand(q, k)
+    return model.finalize_rerank(filled, itc, top).float()[:, :-1]
 
 
 def load_candidates(

@@ -382,7 +382,9 @@ class CMP(RetrievalModel):
         cls = self.cross_cls(states.to(tokens.dtype), mask, tokens)
         return self.itm_logits(cls)[:, 1]
 
-    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+    def finalize_rerank(
+        self, reranked: torch.Tensor, itc: torch.Tensor, top: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The reference's final score: global min-max of the filled ITM matrix + 0.002 x global min-max of ITC."""
         return cmp_final_scores(reranked, itc)
 

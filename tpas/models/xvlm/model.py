@@ -258,9 +258,11 @@ class XVLM(XVLMFamily):
 
     final_rule = "itm logits on each row's top-k, -100 elsewhere"
 
-    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+    def finalize_rerank(
+        self, reranked: torch.Tensor, itc: torch.Tensor, top: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """X-VLM's matrix: raw ITM logits in each row's top-k, -100 in every other cell (`xvlm_fill`)."""
-        return xvlm_fill(reranked, itc)
+        return xvlm_fill(reranked, itc, top=top)
 
 
 class APTM(XVLMFamily):
@@ -277,19 +279,25 @@ class APTM(XVLMFamily):
             raise TpasInputError(f"--trained-on {trained_on!r}; expected one of {', '.join(APTM_NORMS)}")
         return XVLMConfig.for_family("aptm", trained_on)
 
-    def finalize_rerank(self, reranked: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+    def finalize_rerank(
+        self, reranked: torch.Tensor, itc: torch.Tensor, top: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """APTM's reTools.evaluation: global min-max of the row-min-filled ITM matrix + 0.002 x min-max ITC."""
         return cmp_final_scores(reranked, itc)
 
 
-def xvlm_fill(reranked: torch.Tensor, itc: torch.Tensor, fill: float = XVLM_FILL) -> torch.Tensor:
+def xvlm_fill(
+    reranked: torch.Tensor, itc: torch.Tensor, fill: float = XVLM_FILL, top: torch.Tensor | None = None
+) -> torch.Tensor:
     """Turn the engine's re-rank matrix (unscored cells at the row minimum) into X-VLM's (unscored cells at `fill`).
 
-    The engine re-ranks each row's ITC top-k, so of the cells at the row minimum the scored one is the one with the
-    highest ITC (lower column first on equal ITC, the engine's top-k rule): it keeps its logit and every other cell
-    at the minimum becomes `fill`. (Exact unless two top-k logits tie at the minimum, or the candidates came from
-    another model's matrix, where the raw top-k file `<out>.itm.pt` holds the scored cells.)
+    With `top` (each row's re-ranked columns, what the engine passes) exactly those cells keep their logits. Without
+    it (a caller that has only the two matrices), of the cells at the row minimum the scored one is taken to be the
+    one with the highest ITC (lower column first on equal ITC, the engine's top-k rule): exact unless two top-k logits
+    tie at the minimum or the candidates came from another model's matrix.
     """
+    if top is not None:
+        return torch.full(reranked.shape, fill).scatter(1, top, reranked.float().gather(1, top))
     low = reranked.min(dim=1, keepdim=True).values
     at_low = reranked == low
     kept = itc.float().masked_fill(~at_low, float("-inf")).argmax(dim=1, keepdim=True)
