@@ -69,3 +69,33 @@ def test_sinkhorn_balances_rows_and_columns():
 def test_bad_parameters(params, match):
     with pytest.raises(TpasInputError, match=match):
         rescore(_m(), params)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"method": "dual-softmax", "temperature": 0.1},
+        {"method": "inverted-softmax", "temperature": 0.1},
+        {"method": "qb-norm", "temperature": 0.1},
+        {"method": "qb-norm", "temperature": 0.1, "bank": "bank.pt"},
+        {"method": "sinkhorn", "epsilon": 0.1, "iterations": 20},
+    ],
+)
+def test_rescore_on_a_topk_matrix_stays_topk_and_equals_the_dense_path(params, tmp_path):
+    # The dense path re-scores the row-min densified matrix; the top-K path must give its kept cells the same scores
+    # without densifying (cells not kept count as the row minimum in every column sum).
+    gen = torch.Generator().manual_seed(3)
+    q, g, k = 12, 30, 8
+    dense = torch.rand(q, g, generator=gen)
+    dense[:, :4] += 0.5  # popular images: kept by many rows, so the column sums matter
+    top = SimsMatrix(ids("q", q), ids("g", g), scores=dense).top_k(k)
+    perm = torch.stack([torch.randperm(k, generator=torch.Generator().manual_seed(i)) for i in range(q)])
+    top = SimsMatrix(top.query_ids, top.gallery_ids, indices=top.indices.gather(1, perm),
+                     values=top.values.gather(1, perm))  # fmt: skip
+    if params.get("bank"):
+        bank = SimsMatrix(ids("b", 5), ids("g", g), scores=torch.rand(5, g, generator=gen)).top_k(6)
+        params = {**params, "bank": str(save(bank, tmp_path / "bank.pt"))}
+    out_k, rep_k = rescore(top, params)
+    out_d, rep_d = rescore(SimsMatrix(top.query_ids, top.gallery_ids, scores=top.to_dense("row-min")), params)
+    assert out_k.k == k and torch.equal(out_k.indices, top.indices.sort(dim=1).values) and rep_k == rep_d
+    torch.testing.assert_close(out_k.values, out_d.scores.gather(1, out_k.indices), atol=1e-6, rtol=1e-6)

@@ -26,7 +26,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from ..errors import TpasInputError
 from ..sims import SimsMatrix
-from .reorder import move_to_front, scores_of, top1_collisions, top_candidates, with_post_step
+from .reorder import move_to_front, ranked_scores, top1_collisions, top_candidates, with_post_step
 
 DEFAULTS: dict[str, Any] = {"k": 10, "method": "matching", "temperature": 0.05, "slack": 1.0}
 METHODS = ("matching", "greedy", "flow")
@@ -160,13 +160,19 @@ def _solve_component(top2: np.ndarray, cost: np.ndarray, slack: float) -> np.nda
 
 
 def assign(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool = False):
-    """Apply the one-to-one assignment; returns the new matrix and a report (collisions before/after, rows changed)."""
+    """Apply the one-to-one assignment; returns the new matrix and a report (collisions before/after, rows changed).
+
+    A top-K matrix stays top-K (memory O(Q * K)): its kept cells are the candidates, as on its row-min densified form
+    whenever each row's top-`k` lies among its kept cells.
+    """
     p = validate(params, "assignment")
-    scores = scores_of(sims, inplace)
-    q, g = scores.shape
-    k = min(int(p["k"]), g)
-    cand = top_candidates(scores, k)
-    cs = scores.gather(1, cand)
+    scores, columns = ranked_scores(sims, inplace)  # columns: gallery column of each slot of a top-K matrix
+    q = scores.shape[0]
+    g = len(sims.gallery_ids)
+    k = min(int(p["k"]), scores.shape[1])
+    slots = top_candidates(scores, k)
+    cand = slots if columns is None else columns.gather(1, slots)  # gallery columns
+    cs = scores.gather(1, slots)
     if p["method"] == "greedy":
         slot = torch.from_numpy(greedy_queries(cand, cs, float(p["temperature"])))
     elif p["method"] == "flow":
@@ -177,7 +183,7 @@ def assign(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool
     unmatched = int((slot < 0).sum())
     pos = slot.clamp_min(0)
     first = cand[torch.arange(q), pos]
-    changed = move_to_front(scores, cand, pos)
+    changed = move_to_front(scores, slots, pos)
     report = {
         "step": "assignment",
         "params": p,
@@ -187,4 +193,4 @@ def assign(sims: SimsMatrix, params: dict[str, Any] | None = None, inplace: bool
         "unmatched_queries": unmatched,
         "transductive": True,
     }
-    return with_post_step(sims, scores, report), report
+    return with_post_step(sims, scores, report, columns), report
