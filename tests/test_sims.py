@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -279,6 +280,11 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00not a torch file at all")
     with pytest.raises(TpasInputError, match=r"junk.pt: cannot be read as a torch file"):
         SimsMatrix.load(tmp_path / "junk.pt")
+    # A zip64 locator claiming two disks: zipfile.is_zipfile itself raises on it (found by the fuzz test).
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)
+    (tmp_path / "disks.pt").write_bytes(locator + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, 0))
+    with pytest.raises(TpasInputError, match=r"disks.pt: cannot be read as a torch file \(damaged zip archive"):
+        SimsMatrix.load(tmp_path / "disks.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(TpasInputError, match=r"empty.pt: cannot be read as a torch file"):
         SimsMatrix.load(tmp_path / "empty.pt")

@@ -460,7 +460,10 @@ def _safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise TpasInputError("file not found", path)
-    mmap = mmap and zipfile.is_zipfile(path)  # files in torch's pre-1.6 serialization cannot be mapped
+    try:
+        mmap = mmap and zipfile.is_zipfile(path)  # files in torch's pre-1.6 serialization cannot be mapped
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on some damaged end records (found by fuzzing)
+        raise TpasInputError(f"cannot be read as a torch file (damaged zip archive: {e})", path) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
