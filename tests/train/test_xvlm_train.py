@@ -236,3 +236,33 @@ def test_torchrun_trains_xvlm_from_the_cli_with_rank0_checkpoints(mini: MiniPab,
     assert ck["step"] == 2 and ck["rng"]["cpu"].shape[0] == 2 and ck["history"]
     steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2]
+
+
+def test_random_resized_crop_and_warmup_fraction_follow_x_vlm() -> None:
+    import random
+
+    from PIL import Image
+
+    from tpas.train.data import AugmentConfig, TrainTransform
+    from tpas.train.optim import lr_factor, warmup_steps
+
+    t = TrainTransform((48, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), AugmentConfig(crop_scale=(0.5, 1.0)))
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = t.crop_box(100, 200, rng)
+        area, ratio = (right - left) * (bottom - top), (right - left) / (bottom - top)
+        assert 0 <= left < right <= 100 and 0 <= top < bottom <= 200
+        assert 0.5 * 20000 * 0.97 <= area <= 20000 and 3 / 4 * 0.95 <= ratio <= 4 / 3 * 1.05
+    # No box of the drawn ratio fits a 1 x 100 strip: torchvision's fallback, the centred box of the clamped ratio.
+    assert t.crop_box(1, 100, random.Random(0)) == (0, 49, 1, 50)
+    x, pose = t(Image.new("RGB", (100, 200), (10, 20, 30)), None, random.Random(1))
+    assert tuple(x.shape) == (3, 48, 32) and pose is None  # (height, width)
+    with pytest.raises(TpasInputError, match="crop_scale"):
+        AugmentConfig(crop_scale=(0.0, 1.0))
+    assert warmup_steps(0.1, 95) == 9 and warmup_steps(500, 95) == 500 and warmup_steps(0, 95) == 0
+    with pytest.raises(TpasInputError, match="warmup_steps"):
+        warmup_steps(-1, 10)
+    # X-VLM's linear schedule: up over the warm-up, then straight down to 0 at the last step.
+    assert [lr_factor(s, 10, 2, 3e-5, 0.0, "linear") for s in (0, 1, 2, 6, 10)] == pytest.approx(
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    )
