@@ -144,16 +144,20 @@ def _train_files(root: Path, entries: Any) -> list[Path]:
     return files
 
 
-def _vocab(cfg: dict[str, Any], out_dir: Path, dist: Distributed) -> Path:
-    """The checked vocab file, copied into the output folder (where `tpas infer cmp` looks beside the checkpoint)."""
+def _vocab(cfg: dict[str, Any]) -> Path:
+    """The vocab file of `data.vocab`, checked."""
     vocab = Path(cfg["data"]["vocab"])
     if not vocab.is_file():
         raise TpasInputError("vocab file not found (data.vocab: the bert-base-uncased vocab.txt)", vocab)
+    return vocab
+
+
+def _copy_vocab(vocab: Path, out_dir: Path, dist: Distributed) -> None:
+    """Copy the vocab into the output folder (where `tpas infer` looks beside the checkpoint), on rank 0."""
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "vocab.txt").is_file() or (out_dir / "vocab.txt").read_bytes() != vocab.read_bytes():
             shutil.copyfile(vocab, out_dir / "vocab.txt")
-    return vocab
 
 
 def _build_model(run_kind: TrainKind, cfg: dict[str, Any], vocab: Path, out_dir: Path, dist: Distributed,
@@ -193,8 +197,9 @@ def _set_up(run_kind: TrainKind, cfg: dict[str, Any], dev: torch.device, amp: Pr
     seed = int(tr["seed"])
     torch.manual_seed(seed + dist.rank)
     out_dir, root = Path(cfg["output"]["dir"]), Path(data["root"])
-    records = _records(cfg, root)  # first: a bad annotation or subset list leaves no output folder behind
-    vocab = _vocab(cfg, out_dir, dist)
+    vocab = _vocab(cfg)
+    records = _records(cfg, root)
+    _copy_vocab(vocab, out_dir, dist)  # the first write: bad input above leaves no output folder behind
     built = _build_model(run_kind, cfg, vocab, out_dir, dist, emit)
     model = built.model
     model.to(dev)
