@@ -266,3 +266,34 @@ def test_random_resized_crop_and_warmup_fraction_follow_x_vlm() -> None:
     assert [lr_factor(s, 10, 2, 3e-5, 0.0, "linear") for s in (0, 1, 2, 6, 10)] == pytest.approx(
         [0.0, 0.5, 1.0, 0.5, 0.0]
     )
+
+
+def test_pretraining_tables_are_resampled_to_the_window_as_x_vlm_fine_tuning_does(
+    mini: MiniPab, tmp_path: Path
+) -> None:
+    from tests.models.test_xvlm import fake_pretraining_state
+    from tpas.models.cmp import CMPTokenizer
+    from tpas.models.xvlm.pretrained import _geometric_offsets, interpolate_relative_position_table
+
+    # Window 7 -> 12 (the 16M model at 224 px -> 384 px): the 13 source offsets sit on a geometric grid out to +-11,
+    # and a bicubic spline reproduces any cubic: the resampled table is the cubic at the 23 integer offsets.
+    grid = torch.tensor(_geometric_offsets(13, 23), dtype=torch.float64)
+    assert grid[6] == 0 and grid[7] == 1 and grid[-1] == pytest.approx(11.0, abs=1e-4)
+    rows, cols = grid.view(-1, 1), grid.view(1, -1)
+    table = torch.stack([(rows + 2 * cols).reshape(-1), (rows**3 - rows * cols).reshape(-1)], 1).float()
+    out = interpolate_relative_position_table(table, 12)
+    t = torch.arange(-11.0, 12.0, dtype=torch.float64).clamp(float(grid[0]), float(grid[-1]))
+    r, c = t.view(-1, 1), t.view(1, -1)
+    assert out.shape == (529, 2)
+    assert torch.allclose(out[:, 0].double(), (r + 2 * c).reshape(-1), atol=1e-4)
+    assert torch.allclose(out[:, 1].double(), (r**3 - r * c).reshape(-1), atol=1e-3)
+    assert interpolate_relative_position_table(table, 7) is table
+
+    # The trainer's `init.pretrained` resamples a pre-training of another window and says so, key by key.
+    vocab_size = CMPTokenizer(mini.vocab).vocab_size
+    torch.save(fake_pretraining_state(vocab_size=vocab_size, window_size=4), tmp_path / "w4.th")
+    cfg = tiny_cfg(mini, tmp_path / "o", f"init.pretrained={tmp_path / 'w4.th'}")
+    built = build_xvlm(cfg, mini.vocab)
+    resampled = [line.split()[1] for line in built.report if line.startswith("interpolated ")]
+    assert "vision_encoder.layers.0.blocks.0.attn.relative_position_bias_table" in resampled
+    assert "interpolated (new window)" in built.notes[0]

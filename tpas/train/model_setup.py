@@ -3,8 +3,8 @@ weights (APTM/X-VLM checkpoints, or separate Swin and BERT files), gradient chec
 
 `build_cmp` and `build_xvlm` are the two kinds' builders (`tpas.train.kinds`): model with its tokenizer, plus what
 the initialisation did. X-VLM starts from a retrieval checkpoint (loaded strictly by the `xvlm` family's own loader,
-the model config must agree with it), from X-VLM's pre-training (`load_xvlm_pretrained`, reported key by key), or
-from scratch.
+the model config must agree with it), from X-VLM's pre-training (`load_xvlm_pretrained` with the relative-position
+tables resampled to the model's window, as X-VLM's fine-tuning does; reported key by key), or from scratch.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def build_xvlm(cfg: dict[str, Any], vocab: Path) -> BuiltModel:
         notes = []
         if init.get("pretrained"):
             path = Path(init["pretrained"])
-            loaded = load_xvlm_pretrained(model, path)
+            loaded = load_xvlm_pretrained(model, path, interpolate_tables=True)  # as X-VLM's fine-tuning loader
             notes, report = [f"{path}: {loaded.summary()}"], loaded.lines()
     rule = partial(clean_xvlm_caption, rule=model_cfg.caption_cleaning, max_words=model_cfg.max_words)
     return BuiltModel(model, model.tokenizer, notes, report, clean_caption=rule)
