@@ -69,6 +69,18 @@ def test_the_preset_is_x_vlm_retrieval_fine_tuning() -> None:
         train(load_train_config("cmp_tiny"), kind="xvlm")
 
 
+def test_the_preset_model_has_the_released_retrieval_layout() -> None:
+    """`model.preset: base` with the 30,522-token vocab is X-VLM's retrieval model key for key (the layout fixture)."""
+    from tpas.train.model_setup import build_xvlm_config
+
+    ref = json.loads((HERE.parent / "fixtures" / "xvlm_retrieval_layout.json").read_text())
+    cfg = build_xvlm_config(load_train_config("xvlm_hfut", kind="xvlm")["model"], vocab_size=30522)
+    assert cfg == XVLMConfig.for_family("xvlm")
+    with torch.device("meta"):
+        model = XVLM(cfg, init=False)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == {k: s for k, (s, _) in ref["keys"].items()}
+
+
 def test_losses_are_x_vlm_itc_and_itm_over_in_batch_hard_negatives() -> None:
     """ITC: identity-aware targets over all pairs, no smoothing; ITM: B positives + 2B sampled negatives, one mean."""
     torch.manual_seed(0)
