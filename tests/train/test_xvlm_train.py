@@ -120,6 +120,28 @@ def test_losses_are_x_vlm_itc_and_itm_over_in_batch_hard_negatives() -> None:
     assert (neg_img != torch.arange(b)).all() and batch["idx"][neg_txt[0]] != 0  # never the anchor's own identity
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    from tpas.train.model_setup import enable_gradient_checkpointing
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 60, (4, 10), generator=g)
+    batch = {"image": torch.randn(4, 3, 64, 64, generator=g), "text_ids": ids,
+             "text_mask": torch.ones(4, 10, dtype=torch.long), "idx": torch.arange(4)}  # fmt: skip
+    loss_cfg = get_kind("xvlm").loss_config(XVLM_DEFAULTS["loss"])
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        model = XVLM(XVLMConfig.tiny("xvlm", vocab_size=60))
+        if ckpt:
+            assert enable_gradient_checkpointing(model) > 0  # the Swin blocks and BERT layers CMP shares
+        torch.manual_seed(3)  # same dropout masks and negatives
+        compute_losses(model, batch, loss_cfg)["total"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
 def test_training_lowers_the_loss_and_the_checkpoint_runs_through_infer_xvlm(
     mini: MiniPab, tmp_path: Path, cli
 ) -> None:
