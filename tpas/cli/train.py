@@ -38,8 +38,7 @@ def train_xvlm_cmd(
     resume: Resume = False,
     set_: Sets = None,
 ) -> None:
-    """Fine-tune X-VLM (in-batch ITC + ITM with hard negatives, HFUT-LMC's recipe); `tpas infer xvlm` loads the
-    checkpoints it writes."""
+    """Fine-tune X-VLM (in-batch ITC + ITM with hard negatives, HFUT-LMC's recipe); evaluates each epoch."""
     _run("xvlm", config, resume, set_ or [])
 
 
