@@ -421,7 +421,9 @@ def _encode_gallery(
         run.model.image_preprocessor,
         [poses[i] for i in todo] if poses is not None else None,
     )
-    loader = gallery_loader(dataset, run.batch_size, num_workers, pin_memory=run.dev.type == "cuda")
+    loader = gallery_loader(
+        dataset, run.batch_size, num_workers, pin_memory=run.dev.type == "cuda", collate=run.model.image_collate
+    )
     bad: dict[int, str] = {}
     done, encoded, t0 = cached, 0, time.perf_counter()
     with _loader_iter(loader) as batches:
@@ -457,7 +459,8 @@ def encode_images_in_memory(
     The engine's decoding and per-batch encoding without the feature store, for galleries that fit in memory (the
     trainer's evaluation split). An unreadable image raises the engine's error.
     """
-    loader = gallery_loader(GalleryDataset(list(paths), model.image_preprocessor, poses), batch_size, num_workers)
+    dataset = GalleryDataset(list(paths), model.image_preprocessor, poses)
+    loader = gallery_loader(dataset, batch_size, num_workers, collate=model.image_collate)
     parts: list[Features] = []
     with _loader_iter(loader) as batches:
         for batch in batches:
