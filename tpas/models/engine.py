@@ -1,9 +1,10 @@
 """The one inference engine: any registered model family -> a SimsMatrix file.
 
 `infer` lists the gallery (sorted ids), decodes and preprocesses images in DataLoader workers with the family's own
-`preprocess`, encodes them in batches under `torch.inference_mode` (autocast fp16/bf16 on CUDA), and writes every
-encoded batch to a feature store on disk, so a killed run resumes where it stopped. Texts are tokenized and encoded
-in batches; the first-stage matrix is `model.similarity(text, image)`. Families with a matching head can re-rank each
+`preprocess` (batched there by its `image_collate` when items differ in size), encodes them in batches under
+`torch.inference_mode` (autocast fp16/bf16 on CUDA), and writes every encoded batch to a feature store on disk, so a
+killed run resumes where it stopped. Texts are tokenized and encoded in batches; the first-stage matrix is
+`model.similarity(text, image)`. Families with a matching head can re-rank each
 query's top-k (by their own ITC, or by another model's matrix) with `model.match`, in batches of (query, image) pairs
 gathered across queries; the per-image states `match` needs stay in the store on disk and are read back only for the
 images a batch uses, so a 36,773-image gallery never has to sit in memory as cross-attention states.
