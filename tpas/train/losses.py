@@ -1,6 +1,10 @@
 """CMP training losses: ITC (identity-aware, label-smoothed, over the all-gathered batch), IHNM-enhanced ITM with
 in-batch hard negatives, MLM, and the EDA caption view. Total = ITC + ITM + MLM.
 
+X-VLM's retrieval fine-tuning (models/xvlm.py `get_contrastive_loss`, `get_matching_loss`) is the same loss with
+CMP's additions off: `LossConfig(itc_label_smoothing=0, eda=False, ihnm=False, mlm=False)` gives ITC with
+identity-aware targets + ITM over the B positives and 2B in-batch hard negatives, one mean. Total = ITC + ITM.
+
 Normalisation is chosen so that, under DDP (which averages gradients over ranks), the gradient equals that of one
 process holding the whole global batch: per-row means over equal local batch sizes for ITC, and for ITM/MLM (whose
 row/token counts can differ per rank) the local sum divided by the global count / world size. The `paper` switches
@@ -44,6 +48,7 @@ class LossConfig:
     itm_pooling: str = "paper"  # paper | pooled (see the module docstring)
     itc_gradient: str = "paper"  # paper | global
     temp_clamp: tuple[float, float] | None = None  # (min, max) applied to the temperature before every step
+    mlm: bool = True  # the masked-language-modelling term (X-VLM's retrieval fine-tuning has none)
 
     def __post_init__(self) -> None:
         if self.itm_pooling not in ITM_POOLINGS:
@@ -200,12 +205,13 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """Every CMP loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share), plus the
-    parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for logging."""
+    """Every loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share; mlm only with
+    `cfg.mlm`), plus the parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for
+    logging. Models without a pose branch (X-VLM: no `config.pose`) get no pose maps."""
     if cfg.temp_clamp is not None:
         with torch.no_grad():
             model.temp.clamp_(*cfg.temp_clamp)
-    pose_aware = bool(model.config.pose)
+    pose_aware = bool(getattr(model.config, "pose", False))
     image_tokens = model.encode_image_tokens(batch["image"], batch.get("pose") if pose_aware else None)
     image_feat = model.image_feat(image_tokens)
     text_states = model.encode_text_tokens(batch["text_ids"], batch["text_mask"])
@@ -239,9 +245,10 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
     )
     out["itm_main"] = itm_main
     out.update(stats)
-    out["mlm"] = mlm_loss(
-        model, batch["mlm_ids"], batch["text_mask"], image_tokens, batch["mlm_pos"], batch["mlm_labels"]
-    )
+    if cfg.mlm:
+        out["mlm"] = mlm_loss(
+            model, batch["mlm_ids"], batch["text_mask"], image_tokens, batch["mlm_pos"], batch["mlm_labels"]
+        )
     itc, itm = out["itc_main"], out["itm_main"]
     if cfg.eda:
         eda_states = model.encode_text_tokens(batch["eda_ids"], batch["eda_mask"])
@@ -261,7 +268,7 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
         itc = itc + cfg.eda_weight * out["itc_eda"]
         itm = itm + cfg.eda_weight * out["itm_eda"]
     out["itc"], out["itm"] = itc, itm
-    out["total"] = itc + itm + out["mlm"]
+    out["total"] = itc + itm + out["mlm"] if cfg.mlm else itc + itm
     return out
 
 
