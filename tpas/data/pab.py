@@ -423,10 +423,10 @@ def read_queries(path: str | Path) -> list[Query]:
 
 def read_query_index(path: str | Path) -> list[str]:
     """Read `query_index.txt`: one query id per line (LF or CRLF), kept as strings. Duplicates are an error."""
-    return _read_id_lines(path, "query id")
+    return read_id_lines(path, "query id")
 
 
-def _read_id_lines(path: str | Path, what: str) -> list[str]:
+def read_id_lines(path: str | Path, what: str) -> list[str]:
     path, text = _read_text(path)
     ids = _text_lines(path, text, what)
     seen: dict[str, int] = {}
@@ -467,7 +467,7 @@ def read_gallery_ids(path: str | Path) -> list[str]:
     p = Path(path)
     if p.is_dir():
         return [g.id for g in list_gallery(p)]
-    return _read_id_lines(p, "gallery id")
+    return read_id_lines(p, "gallery id")
 
 
 # --------------------------------------------------------------------------------------------------- ground truth

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from ..data.pab import TrainRecord, _read_id_lines
+from ..data.pab import TrainRecord, read_id_lines
 from ..errors import TpasInputError
 from ..models.cmp.text import clean_caption
 from .masking import MaskingConfig, mask_tokens
@@ -332,7 +332,7 @@ def select_pairs(records: Sequence[TrainRecord], list_file: str | Path) -> list[
 
     A line naming no training image, a duplicate or a blank line inside raises TpasInputError with its line number.
     """
-    lines = _read_id_lines(list_file, "image path")
+    lines = read_id_lines(list_file, "image path")
     known = {r.image.replace("\\", "/") for r in records}
     for n, line in enumerate(lines, 1):
         if line.replace("\\", "/") not in known:

@@ -63,7 +63,7 @@ def evaluate_model(
         if rerank_k:
             k = min(rerank_k, len(gallery_ids))
             reranked = rerank_topk(model, in_memory(image), text, itc, k, device, autocast, batch_size)
-            final = model.finalize_rerank(reranked.filled, itc).float()
+            final = model.finalize_rerank(reranked.filled, itc, reranked.top).float()
             final_sims = SimsMatrix(query_ids, gallery_ids, scores=final, source=f"{family}-itm")
             out["itm"] = evaluate(final_sims, gt).metrics()
         return out
