@@ -427,6 +427,7 @@ def read_query_index(path: str | Path) -> list[str]:
 
 
 def read_id_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a list file, one `what` each (named in errors); blanks inside a line, repeats or none refused."""
     path, text = _read_text(path)
     ids = _text_lines(path, text, what)
     seen: dict[str, int] = {}
