@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "itm_pooling": "paper",  # paper (in-batch mean + hard-negative mean) | pooled (one mean over all rows)
         "itc_gradient": "paper",  # paper (the original's all-gather: 1/world_size under DDP) | global
         "temp_clamp": None,  # null: never clamped (the original) | [0.001, 0.5]
+        "itm_weight": 1.0,  # 0: no ITM term, its passes skipped (tpas's ITC-only alternative)
+        "mlm_weight": 1.0,  # 0: no MLM term, its passes skipped
     },
     "optim": {
         "lr": 1.0e-4,
