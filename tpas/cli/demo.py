@@ -86,6 +86,14 @@ def _print_result(res: Any, seconds: float) -> None:
         + ", ".join(f"{m} {v:+.2f} (p={res.p_values[m]:.2f})" for m, v in gain.items()),
         highlight=False,
     )
+    if res.masked is not None:
+        masked = Table(title="name-masked set, one caption per image: collision-resolving post steps (%)")
+        masked.add_column("matrix")
+        for m in res.masked.columns:
+            masked.add_column(m, justify="right")
+        for name, row in res.masked.iterrows():
+            masked.add_row(str(name), *(f"{v:.2f}" for v in row.iloc[:-1]), f"{row.iloc[-1]:.0f}")
+        console.print(masked)
     console.print(
         f"leaderboard file: {res.answer}\nreport: {res.report}\ntuned ensemble: {res.tuned_config}\n"
         f"matrices: {len(res.sims)} files in {res.sims[0].parent if res.sims else '-'}\ntotal {seconds:.0f} s",

@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "temp_clamp": None,  # null: never clamped (the original) | [0.001, 0.5]
         "itm_weight": 1.0,  # 0: no ITM term, its passes skipped (tpas's ITC-only alternative)
         "mlm_weight": 1.0,  # 0: no MLM term, its passes skipped
+        "itc_hard_pairs": False,  # true: each record's hard pair (hard_i, hard_c) joins the ITC batch (needs ihnm)
     },
     "optim": {
         "lr": 1.0e-4,

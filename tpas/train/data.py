@@ -212,6 +212,14 @@ class CMPTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [N, L] of `captions`, each distinct one tokenized once (the Python WordPiece
+        tokenizer is a large share of a tiny model's step, and without EDA or IHNM the three captions are one)."""
+        distinct = list(dict.fromkeys(captions))
+        tok = self.tokenizer(distinct)
+        rows = torch.tensor([distinct.index(c) for c in captions])
+        return tok["input_ids"][rows], tok["attention_mask"][rows]
+
     def _image_pair(self, rel: Path, where: str, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = load_rgb(self.root / rel, where)
         pose = load_rgb(self.root / "pose" / rel, where) if self.pose else None
@@ -234,10 +242,9 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             if self.transform.cfg.eda:
                 # As the original: EDA on the cleaned caption (all of it), then the tokenizer cuts to max_words.
                 eda_caption = eda(clean_caption(r.caption, max_words=sys.maxsize), rng, self.transform.cfg.eda_alpha)
-            tok = self.tokenizer([r.caption, hard_caption, eda_caption])
+            ids, att = self._tokenize([r.caption, hard_caption, eda_caption])
         except ValueError as e:
             raise TpasInputError(f"caption cannot be used ({e})", None, where) from None
-        ids, att = tok["input_ids"], tok["attention_mask"]
         masked = mask_tokens(
             ids[0],
             att[0],

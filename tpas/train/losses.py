@@ -48,6 +48,9 @@ class LossConfig:
     # (an ITC-only run trains the dual encoder several times faster per sample).
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
+    # Also put each record's identity hard-negative pair (hard_i, hard_c: the same person in the other behaviour)
+    # into the ITC batch, so the contrastive loss itself must tell the two behaviours apart (needs `ihnm`).
+    itc_hard_pairs: bool = False
 
     def __post_init__(self) -> None:
         if self.itm_pooling not in ITM_POOLINGS:
@@ -208,6 +211,27 @@ def _weighted(term: torch.Tensor, weight: float) -> torch.Tensor:
     return term if weight == 1.0 else weight * term
 
 
+def _itc_with_hard_pairs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    itc_scale: float,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """ITC over the batch plus each record's valid hard pair (hard image + its caption, ids `hard_idx`): the same
+    person in the other behaviour sits in the batch as a negative of the record's own pair."""
+    valid = batch["has_hard"].bool() & (batch["hard_idx"] >= 0)
+    pose = batch.get("hard_pose") if model.config.pose else None
+    hard_image = model.image_feat(model.encode_image_tokens(batch["hard_image"][valid],
+                                                            None if pose is None else pose[valid]))  # fmt: skip
+    hard_text = model.text_feat(model.encode_text_tokens(batch["hard_ids"][valid], batch["hard_mask"][valid]))
+    images = scale_gradient(torch.cat([image_feat, hard_image]), itc_scale)
+    texts = scale_gradient(torch.cat([text_feat, hard_text]), itc_scale)
+    ids = torch.cat([batch["idx"], batch["hard_idx"][valid]])
+    return itc_loss(images, texts, ids, model.temp, cfg.itc_label_smoothing)
+
+
 def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Every CMP loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share), plus the
     parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for logging."""
@@ -224,9 +248,12 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
     out: dict[str, torch.Tensor] = {}
     itc_scale = 1.0 / dist_utils.world_size() if cfg.itc_gradient == "paper" else 1.0
     itc_image = scale_gradient(image_feat, itc_scale)
-    out["itc_main"] = itc_loss(
-        itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
-    )
+    if cfg.itc_hard_pairs and cfg.ihnm and bool((batch["has_hard"].bool() & (batch["hard_idx"] >= 0)).any()):
+        out["itc_main"] = _itc_with_hard_pairs(model, batch, image_feat, text_feat, itc_scale, cfg)
+    else:
+        out["itc_main"] = itc_loss(
+            itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
+        )
 
     zero = image_feat.new_zeros(()).float()
     if cfg.itm_weight:
