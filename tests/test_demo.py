@@ -102,7 +102,7 @@ def test_quick_demo_leaves_every_artefact_valid_and_reruns(tmp_path: Path, capsy
         assert set(sims[name].query_ids) == masked_q
     assert [p["step"] for p in sims["masked_ensemble_assignment.pt"].meta["post"]] == ["assignment"]
     assert [p["step"] for p in sims["masked_ensemble_SCA.pt"].meta["post"]] == ["sca"]
-    assert "collisions" in out and "ensemble + assignment" in out
+    assert "collisions" in out and "ensemble + assignment" in out and "behaviour" in out
 
     # The tuned config is a valid ensemble config; its trials CSV fed the report's tuning surface.
     tuned = tmp_path / "runs" / "demo" / "ensemble_tuned.yaml"

@@ -141,7 +141,7 @@ class DemoResult:
     """What the demo measured and where it left its files."""
 
     root: Path
-    table: pd.DataFrame  # test-split metrics and trap share (%): each model matrix, the ensemble, the baseline
+    table: pd.DataFrame  # test split (%): METRICS, trap, behaviour (`_results`) of each matrix and the baseline
     ensemble: str  # row name of the ensemble in `table`
     best_single: str  # row name of the best single-model matrix by R@1 (then mAP)
     answer: Path
@@ -474,7 +474,9 @@ def scene_baseline(gt: GroundTruth, gallery_ids: Sequence[str], seed: int) -> Si
 
 def _results(lay: _Layout, sz: DemoSize, seed: int) -> tuple[pd.DataFrame, str]:
     """The test-split table (one row per matrix, then the scene-only baseline) and the best single matrix by R@1,
-    then mAP. Columns: METRICS and `trap`, the share of queries whose top-1 is the same person's other image."""
+    then mAP. Columns: METRICS, `trap` (the share of queries whose top-1 is the same person's other image) and
+    `behaviour` (of the queries whose top-1 is the right person, the share where it is also the right behaviour:
+    R@1 / (R@1 + trap); chance 50 %, as each person has one image per behaviour)."""
     from .scoring import evaluate
 
     gt = load_ground_truth(lay.splits["test"][1])
@@ -490,6 +492,8 @@ def _results(lay: _Layout, sz: DemoSize, seed: int) -> tuple[pd.DataFrame, str]:
     best = str(singles.sort_values(["R@1", "mAP"], ascending=False).index[0])
     baseline = scene_baseline(gt, gallery, seed)
     table.loc[BASELINE] = {**evaluate(baseline, gt).metrics(), "trap": trap_share(baseline, gt)}
+    person = table["R@1"] + table["trap"]
+    table["behaviour"] = (100.0 * table["R@1"] / person.where(person > 0)).fillna(0.0)
     return table, best
 
 
