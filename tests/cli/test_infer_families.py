@@ -53,8 +53,8 @@ def test_toy_help_lists_its_options_and_the_engines(cli, toy_family):
 
 
 def test_each_builtin_family_shows_its_own_options_only(cli):
-    own = {"clip": {"--arch", "--tokenizer", "--tta"}, "cmp": {"--vocab"}, "beit3": {"--tokenizer"},
-           "blip2": {"--vocab", "--itc-score"}}  # fmt: skip
+    own = {"clip": {"--arch", "--tokenizer", "--tta"}, "cmp": {"--vocab", "--tta"}, "beit3": {"--tokenizer", "--tta"},
+           "blip2": {"--vocab", "--itc-score", "--tta"}}  # fmt: skip
     every = set().union(*own.values())
     for family, flags in own.items():
         code, out, _ = cli("infer", family, "--help")

@@ -98,6 +98,15 @@ def test_text_gate_with_feature_file(tmp_path):
     assert topk_stable(out.scores, 1)[1, 0] == 1
 
 
+@pytest.mark.parametrize("content,match", [(None, "not found"), (b"<html>login</html>", "HTML")])
+def test_text_feature_file_not_tensors(tmp_path, content, match):
+    path = tmp_path / "text_feats.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(TpasInputError, match=match):
+        resolve_conflicts(_collision_case(), {"text_sim_min": 0.9, "text_features": str(path)})
+
+
 def test_tfidf_cosine():
     t = tfidf_matrix(["red coat", "red coat", "blue hat"])
     sim = CaptionSimilarity(t)

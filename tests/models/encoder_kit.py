@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps
+
+from tpas.sims import SimsMatrix
 
 WORDS = (
     "a",
@@ -189,9 +192,10 @@ def write_open_clip_folder(folder: Path, model_cfg: dict, preprocess_cfg: dict |
 
 
 def write_lossless_gallery(src: Path, dst: Path, mirror: bool = False) -> Path:
-    """The decoded images of gallery `src` as PNGs (same stems) in `dst`, optionally mirrored left-right."""
+    """The decoded images (JPEG or PNG) of gallery `src` as RGB PNGs (same stems) in `dst`, optionally mirrored
+    left-right."""
     dst.mkdir(parents=True, exist_ok=True)
-    for p in sorted(src.rglob("*.jpg")):
+    for p in sorted(q for q in src.rglob("*") if q.suffix in (".jpg", ".png")):
         im = Image.open(p).convert("RGB")
         (ImageOps.mirror(im) if mirror else im).save(dst / f"{p.stem}.png")
     return dst
@@ -201,6 +205,54 @@ def gallery_images(images: Path, ids: list[str]) -> list[Image.Image]:
     """The decoded (RGB) gallery images in `ids` order."""
     paths = {p.stem: p for p in images.rglob("*") if p.suffix in (".jpg", ".png")}
     return [Image.open(paths[i]).convert("RGB") for i in ids]
+
+
+def check_tta_hflip(
+    load: Callable[..., Any], images: Path, queries: Path, tmp: Path, pose: Path | None = None, rerank: bool = False
+) -> SimsMatrix:
+    """`--tta hflip` of the family `load(**options)` builds == the mean of two explicit runs of its plain model (the
+    images, and their mirrors), re-normalised (per token for token-level features); with `rerank`, every pair is
+    re-ranked and the ITM scores are the plain run's (the mirror changes the ITC embedding only). Returns the TTA run.
+    """
+    from tpas.data.pab import read_queries
+    from tpas.models.engine import encode_images_in_memory, encode_texts, infer, itc_path_for, itm_path_for
+    from tpas.runtime import precision_policy
+
+    plain_dir = write_lossless_gallery(images, tmp / "plain")
+    mirror_dir = write_lossless_gallery(images, tmp / "mirror", mirror=True)
+    mirror_pose = None if pose is None else write_lossless_gallery(pose, tmp / "mirror-pose", mirror=True)
+    plain, flip = load(), load(tta="hflip")
+    assert plain.describe()["tta"] == "none" and flip.describe()["tta"] == "hflip"  # the cache key tells them apart
+    k = len(list(plain_dir.iterdir())) if rerank else None
+    runs = {}
+    for name, model in (("plain", plain), ("flip", flip)):
+        out = tmp / f"{name}.pt"
+        runs[name] = infer(model, plain_dir, queries, out, pose_dir=pose, rerank_k=k, batch_size=3, num_workers=0,
+                           use_cache=False, device="cpu")  # fmt: skip
+    ids = runs["flip"].gallery_ids
+    cpu = torch.device("cpu")
+    fp32 = precision_policy(cpu, "fp32").autocast
+
+    def embed(folder: Path, poses: Path | None) -> torch.Tensor:
+        pose_files = None if poses is None else [poses / f"{i}.png" for i in ids]
+        feats = encode_images_in_memory(plain, [folder / f"{i}.png" for i in ids], pose_files, cpu, fp32, 2)
+        return feats["embed"]
+
+    a, b = embed(plain_dir, pose), embed(mirror_dir, mirror_pose)
+    by_id = {q.id: q.caption for q in read_queries(queries)}
+    text = encode_texts(plain, [by_id[q] for q in runs["flip"].query_ids], cpu, fp32, 4)["embed"]
+    with torch.inference_mode():
+        want = plain.similarity(text, torch.nn.functional.normalize(a + b, dim=-1))
+        unflipped = plain.similarity(text, a)
+    itc = {n: SimsMatrix.load(itc_path_for(tmp / f"{n}.pt")) if rerank else r for n, r in runs.items()}
+    torch.testing.assert_close(itc["flip"].to_dense(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(itc["plain"].to_dense(), unflipped, atol=1e-5, rtol=0)
+    assert (want - unflipped).abs().max() > 1e-4  # the mirror matters on these images
+    if rerank:
+        itm = [SimsMatrix.load(itm_path_for(tmp / f"{n}.pt")).to_dense(fill=float("nan")) for n in runs]
+        torch.testing.assert_close(itm[1], itm[0], atol=1e-5, rtol=0)
+    assert runs["flip"].meta["model"]["tta"] == "hflip"
+    return runs["flip"]
 
 
 def write_hf_dual_folder(folder: Path, model_type: str, seed: int = 0) -> Path:

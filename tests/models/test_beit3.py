@@ -492,3 +492,18 @@ def test_cli_refuses_an_untrusted_training_checkpoint_with_one_line(tiny, galler
     code, output = run_cli(capsys, *base, "--checkpoint", training, "--tokenizer", spm, "--trust-checkpoint")
     assert code == 0, output
     assert out.exists()
+
+
+def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs(tiny, gallery, tmp_path, capsys):
+    from encoder_kit import check_tta_hflip
+
+    from tpas.sims import SimsMatrix
+
+    ckpt, spm = tiny
+    images, queries, _ = gallery
+    flip = check_tta_hflip(lambda **o: load_model("beit3", ckpt, tokenizer=spm, **o), images, queries, tmp_path)
+    out = tmp_path / "cli.pt"
+    args = ["infer", "beit3", "--images", tmp_path / "plain", "--queries", queries, "--checkpoint", ckpt]
+    code, output = run_cli(capsys, *args, "--tokenizer", spm, "--tta", "hflip", "--out", out, "--no-cache")
+    assert code == 0, output
+    torch.testing.assert_close(SimsMatrix.load(out).scores, flip.scores, atol=1e-5, rtol=0)

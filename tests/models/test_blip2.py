@@ -350,3 +350,29 @@ def test_shipped_config_describes_the_released_pretrain_vitL_model():
     assert layout["vision_projection.weight"][0][0] == config["embed_dim"]
     assert layout["vision_model.embeddings.patch_embedding.weight"][0][-1] == config["patch_size"]
     assert layout["vision_model.embeddings.position_embedding"][0][1] == (224 // 14) ** 2 + 1
+
+
+# ---------------------------------------------------------------------------------------------- test-time flip
+def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(converted, tmp_path, capsys):
+    from encoder_kit import check_tta_hflip
+
+    from tpas.sims import SimsMatrix
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i, image in enumerate(_images(4, seed=3)):
+        image.save(gallery / f"g{i}.png")
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(CAPTIONS) + "\n")
+    folder = converted["pretrain_vitL"]
+    flip = check_tta_hflip(
+        lambda **o: load_model("blip2", folder, **o), gallery, queries, tmp_path / "run", rerank=True
+    )
+    out = tmp_path / "cli.pt"
+    code, output = run_cli(
+        capsys, "infer", "blip2", "--images", str(tmp_path / "run" / "plain"), "--queries", str(queries),
+        "--checkpoint", str(folder), "--rerank-k", "4", "--tta", "hflip", "--out", str(out), "--no-cache",
+        "--workers", "0", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, output
+    torch.testing.assert_close(SimsMatrix.load(out).scores, flip.scores, atol=1e-5, rtol=0)

@@ -403,3 +403,22 @@ def test_cli_infer_cmp_without_pose_exits_2(tiny_ckpt, tmp_path):
               "--checkpoint", str(tiny_ckpt["ckpt"]), "--vocab", str(tiny_ckpt["vocab"]), "--out",
               str(tmp_path / "z.pt"), "--workers", "0", "--no-cache"])  # fmt: skip
     assert e.value.code == 2 and not (tmp_path / "z.pt").exists()
+
+
+# ---------------------------------------------------------------- test-time flip
+def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(tiny_ckpt, tmp_path):
+    from encoder_kit import check_tta_hflip
+
+    def load(**opts):
+        return load_model("cmp", tiny_ckpt["ckpt"], vocab=tiny_ckpt["vocab"], **opts)
+
+    flip = check_tta_hflip(load, tiny_ckpt["images"], tiny_ckpt["queries"], tmp_path, tiny_ckpt["pose"], rerank=True)
+    out = tmp_path / "cli.pt"
+    args = ["infer", "cmp", "--images", str(tmp_path / "plain"), "--pose", str(tiny_ckpt["pose"]), "--queries",
+            str(tiny_ckpt["queries"]), "--checkpoint", str(tiny_ckpt["ckpt"]), "--vocab", str(tiny_ckpt["vocab"]),
+            "--rerank-k", "6", "--tta", "hflip", "--out", str(out), "--workers", "0", "--no-cache"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cli = SimsMatrix.load(out)
+    torch.testing.assert_close(cli.scores, flip.scores, atol=1e-5, rtol=0)
+    assert cli.meta["model"]["tta"] == "hflip"

@@ -153,3 +153,74 @@ def test_refusals(qwen: Path) -> None:
         load_model("vlm-embed", Path("Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"))
     with pytest.raises(TpasInputError, match="model_type 'qwen2_vl'; hf-dual runs"):
         load_model("hf-dual", qwen)
+
+
+# ------------------------------------------------------------------------------------------- Qwen3-VL, collation
+QWEN3_SMALL = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 16}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlm_models import build_qwen3_vl
+
+    return build_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl") / "qwen3-vl-tiny")
+
+
+def _chat(processor, instruction: str, content: dict) -> str:
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": instruction}]},
+        {"role": "user", "content": [content]},
+    ]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_qwen3_vl_batched_equals_one_at_a_time_and_the_backbone(
+    qwen3: Path, tiny_gallery: TinyGallery, tmp_path: Path
+) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    model = load_model("vlm-embed", qwen3, **QWEN3_SMALL)
+    assert model.settings["prompt_style"] == "chat-template" and model.settings["model_type"] == "qwen3_vl"
+    runs = [
+        infer(
+            model,
+            tiny_gallery.images,
+            tiny_gallery.queries,
+            tmp_path / f"b{b}.pt",
+            batch_size=b,
+            num_workers=0,
+            use_cache=False,
+        )
+        for b in (1, 4)
+    ]
+    torch.testing.assert_close(runs[1].scores, runs[0].scores, atol=1e-4, rtol=0)
+    # transformers' Qwen3-VL backbone on the processor's inputs, one item at a time, last token's final state.
+    net = AutoModel.from_pretrained(str(qwen3), dtype=torch.float32).eval()
+    size = {"shortest_edge": QWEN3_SMALL["min_pixels"], "longest_edge": QWEN3_SMALL["max_pixels"]}
+    proc = AutoProcessor.from_pretrained(str(qwen3), size=size)
+    query, corpus = INSTRUCTIONS["chat-template"]
+
+    def embed(text: str, image=None) -> torch.Tensor:
+        inputs = proc(text=[text], images=None if image is None else [image], return_tensors="pt")
+        return torch.nn.functional.normalize(net(**inputs).last_hidden_state[:, -1], dim=-1)
+
+    with torch.no_grad():
+        image_prompt = _chat(proc, corpus, {"type": "image"})
+        img = torch.cat([embed(image_prompt, im) for im in gallery_images(tiny_gallery.images, runs[0].gallery_ids)])
+        txt = torch.cat([embed(_chat(proc, query, {"type": "text", "text": c})) for c in tiny_gallery.captions])
+    torch.testing.assert_close(runs[1].scores, txt @ img.T, atol=1e-4, rtol=0)
+
+
+def test_a_batch_is_padded_only_as_far_as_its_own_items_need(qwen: Path, tiny_gallery: TinyGallery) -> None:
+    model = load_model("vlm-embed", qwen, **SMALL)
+    items = [model.preprocess(im) for im in gallery_images(tiny_gallery.images, tiny_gallery.gallery_ids)]
+    sizes = {(it["input_ids"].shape[0], it["pixel_values"].shape[0]) for it in items}
+    assert len(sizes) > 1  # the gallery mixes image grids
+    for group in (items[:1], items[:4], items):
+        batch = model.image_collate(group)
+        longest = max(it["input_ids"].shape[0] for it in group)
+        most = max(it["pixel_values"].shape[0] for it in group)
+        assert batch["input_ids"].shape == (len(group), longest)
+        assert batch["pixel_values"].shape == (len(group), most, items[0]["pixel_values"].shape[1])
+        for row, it in zip(batch["input_ids"], group, strict=True):  # left padding: each prompt ends the row
+            torch.testing.assert_close(row[longest - it["input_ids"].shape[0] :], it["input_ids"])

@@ -372,3 +372,22 @@ def test_cli_infer_aptm_trained_on_selects_statistics_and_caption_rule(tmp_path)
     assert pre["mean"] == list(APTM_NORMS["rstp"][0]) and pre["caption_cleaning"] == "alnum"
     assert run_cli([*args, "--trained-on", "market", "--out", str(tmp_path / "b.pt")]) == 2
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(kit, tmp_path):
+    from encoder_kit import check_tta_hflip
+
+    family, g = kit["family"], kit["g"]
+
+    def load(**opts):
+        return load_model(family, kit["ckpt"], vocab=kit["vocab"], **opts)
+
+    flip = check_tta_hflip(load, g.images, g.queries, tmp_path, rerank=True)
+    out = tmp_path / "cli.pt"
+    args = ["infer", family, "--images", str(tmp_path / "plain"), "--queries", str(g.queries), "--checkpoint",
+            str(kit["ckpt"]), "--vocab", str(kit["vocab"]), "--rerank-k", str(len(g.gallery_ids)), "--tta", "hflip",
+            "--out", str(out), "--workers", "0", "--no-cache", "--device", "cpu"]  # fmt: skip
+    assert run_cli(args) == 0
+    cli = SimsMatrix.load(out)
+    torch.testing.assert_close(cli.scores, flip.scores, atol=1e-5, rtol=0)
+    assert cli.meta["model"]["tta"] == "hflip"

@@ -155,6 +155,9 @@ def test_detector_backend_is_pluggable(tmp_path):
         get_detector("nope", tmp_path / "w.bin")
     with pytest.raises(TpasInputError, match="weights file not found"):
         get_detector("keypointrcnn", tmp_path / "missing.pth")
+    (tmp_path / "lfs.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 1\n")
+    with pytest.raises(TpasInputError, match="LFS"):
+        get_detector("keypointrcnn", tmp_path / "lfs.pth")
 
 
 def test_cli_pose(tmp_path):

@@ -1,4 +1,4 @@
-"""`tpas train cmp`: the CMP trainer; `torchrun --nproc_per_node N -m tpas train cmp ...` runs it with DDP."""
+"""`tpas train cmp|xvlm`: the trainer; `torchrun --nproc_per_node N -m tpas train KIND ...` runs it with DDP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import typer
 
 from .common import console, err_console
 
-app = typer.Typer(help="Train a model family (CMP).", no_args_is_help=True)
+app = typer.Typer(help="Train a model family (CMP, X-VLM).", no_args_is_help=True)
+
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint_last.pth.")]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3 (repeatable).")
+]
 
 
 @app.command("cmp")
@@ -18,19 +23,33 @@ def train_cmp_cmd(
     config: Annotated[
         Path, typer.Option("--config", help="Training config: a packaged preset (cmp, cmp_tiny) or a YAML file.")
     ],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint_last.pth.")] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3 (repeatable).")
-    ] = None,
+    resume: Resume = False,
+    set_: Sets = None,
 ) -> None:
     """Train CMP (ITC + IHNM-enhanced ITM + MLM, pose-aware); evaluates each epoch, checkpoints atomically."""
+    _run("cmp", config, resume, set_ or [])
+
+
+@app.command("xvlm")
+def train_xvlm_cmd(
+    config: Annotated[
+        Path, typer.Option("--config", help="Training config: a packaged preset (xvlm_hfut) or a YAML file.")
+    ],
+    resume: Resume = False,
+    set_: Sets = None,
+) -> None:
+    """Fine-tune X-VLM (in-batch ITC + ITM with hard negatives, HFUT-LMC's recipe); evaluates each epoch."""
+    _run("xvlm", config, resume, set_ or [])
+
+
+def _run(kind: str, config: Path, resume: bool, sets: list[str]) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..runtime import rank
     from ..train.config import load_train_config
     from ..train.trainer import train
 
-    cfg = load_train_config(config, set_ or [])
+    cfg = load_train_config(config, sets, kind=kind)
     main_proc = int(os.environ.get("RANK", "0")) == 0
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
@@ -55,7 +74,7 @@ def train_cmp_cmd(
             elif kind == "info":
                 bar.console.print(event["message"], highlight=False)
 
-        result = train(cfg, resume=resume, progress=on_event if main_proc else None)
+        result = train(cfg, kind=kind, resume=resume, progress=on_event if main_proc else None)
     if rank() == 0 and main_proc:
         console.print(
             f"done: {result.steps} steps, {result.epochs_done} epochs; last {result.last_checkpoint}, "

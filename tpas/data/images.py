@@ -6,6 +6,7 @@ carries the error text instead, and the engine decides whether to stop with a cl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +110,20 @@ class GalleryBatch:
         return len(self.indices) + len(self.errors)
 
 
-def collate_gallery(items: list[GalleryItem]) -> GalleryBatch:
-    """Stack each feature key over the readable items; keep (index, message) for the others."""
+# A family's own batching of its per-item features (e.g. padding variable-length items only as far as the batch
+# needs); it must be picklable, since it runs in the DataLoader workers.
+Collate = Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+
+
+def collate_gallery(items: list[GalleryItem], collate: Collate | None = None) -> GalleryBatch:
+    """Batch the readable items' features (`collate`, default: stack each key); keep (index, message) for the
+    others."""
     good = [it for it in items if it.features is not None]
     errors = [(it.index, it.error or "unreadable") for it in items if it.features is None]
     feats: dict[str, torch.Tensor] = {}
-    if good:
+    if good and collate is not None:
+        feats = collate([it.features for it in good])  # type: ignore[misc]  # good items have features
+    elif good:
         for key in good[0].features:
             feats[key] = torch.stack([it.features[key] for it in good])
     return GalleryBatch([it.index for it in good], feats, errors)
@@ -127,9 +136,14 @@ def bad_image_error(message: str) -> TpasInputError:
 
 
 def gallery_loader(
-    dataset: GalleryDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+    dataset: GalleryDataset,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    collate: Collate | None = None,
 ) -> torch.utils.data.DataLoader[Any]:
-    """A DataLoader in dataset order with worker processes for decoding and preprocessing.
+    """A DataLoader in dataset order with worker processes for decoding and preprocessing (and `collate`, the
+    family's batching, when given).
 
     Workers are forked where the platform can (Linux): the preprocess callable is usually a bound method of the
     model, and forking shares it instead of pickling the model's weights into every worker.
@@ -144,7 +158,7 @@ def gallery_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_gallery,
+        collate_fn=collate_gallery if collate is None else functools.partial(collate_gallery, collate=collate),
         pin_memory=pin_memory,
         multiprocessing_context=ctx,
         persistent_workers=False,

@@ -125,9 +125,9 @@ class CaptionSimilarity:
     @classmethod
     def from_features(cls, path: str | Path, query_ids: Sequence[str]) -> CaptionSimilarity:
         """Text features a model wrote: a dict {query_ids, features [Q, D]} (cosine after L2 normalisation)."""
-        obj = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
-        if obj is None:
-            raise TpasInputError("file not found", path)
+        from ..models.checkpoint import load_checkpoint  # the one sniffing, refusing loader of tensor files
+
+        obj = load_checkpoint(path)
         if not isinstance(obj, dict) or "query_ids" not in obj or "features" not in obj:
             raise TpasInputError("expected a dict with `query_ids` and `features` [Q, D]", path)
         ids = [str(q) for q in obj["query_ids"]]

@@ -104,6 +104,12 @@ class RetrievalModel(torch.nn.Module):
         picklable object, so workers started by spawn (macOS, Windows) never pickle the model's weights."""
         return self.preprocess
 
+    @property
+    def image_collate(self) -> Callable[[list[Features]], Features] | None:
+        """How DataLoader workers batch `preprocess` outputs: None stacks each key (items of one shape). Families with
+        variable-size items return a picklable callable that pads them only as far as each batch needs."""
+        return None
+
     def tokenize(self, texts: Sequence[str]) -> Features:
         """Clean and tokenize captions exactly as the reference does; returns batched tensors [N, ...]."""
         raise NotImplementedError

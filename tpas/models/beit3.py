@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +34,7 @@ from ..errors import TpasInputError
 from ..io import configs_root, read_yaml
 from .base import TRUST_CHECKPOINT, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import extract_state_dict, load_checkpoint, sha256_file, strip_prefix
+from .tta import TTA_OPTION, check_tta, encode_views, with_tta
 
 TOKENIZER_FILE = "beit3.spm"
 TOKENIZER_URL = "https://github.com/addf400/files/releases/download/beit3/beit3.spm"
@@ -430,6 +431,7 @@ class BEiT3Retrieval(RetrievalModel):
     options = (
         FamilyOption("tokenizer", Path, "sentencepiece model (beit3.spm; default: the one beside the checkpoint)."),
         TRUST_CHECKPOINT,
+        TTA_OPTION,
     )
 
     def __init__(self, config: BEiT3Config, tokenizer: BEiT3Tokenizer | None = None, **encoder_overrides: Any):
@@ -444,6 +446,7 @@ class BEiT3Retrieval(RetrievalModel):
         self.tokenizer = tokenizer
         self.image_transform = BEiT3ImageTransform(config.img_size)
         self._preprocess = BEiT3Preprocess(self.image_transform)
+        self.tta = "none"  # test-time flip of gallery images (`--tta`, tpas.models.tta)
 
     @classmethod
     def from_checkpoint(
@@ -453,6 +456,7 @@ class BEiT3Retrieval(RetrievalModel):
         *,
         tokenizer: str | Path | None = None,
         trust_checkpoint: bool = False,
+        tta: str | None = None,
     ) -> BEiT3Retrieval:
         """Load an official or fine-tuned BEiT-3 retrieval checkpoint (weights under `model`), strictly.
 
@@ -461,6 +465,7 @@ class BEiT3Retrieval(RetrievalModel):
             config: optional architecture/preset that must agree with the checkpoint (see `resolve_config`).
             tokenizer: `beit3.spm`; default: `beit3.spm` next to the checkpoint.
             trust_checkpoint: allow full unpickling (only for files from a trusted source).
+            tta: test-time augmentation of gallery images ("none" | "hflip", `tpas.models.tta`).
         """
         if path is None:
             raise TpasInputError(
@@ -484,6 +489,7 @@ class BEiT3Retrieval(RetrievalModel):
         model.load_state_dict(state, strict=True, assign=True)
         model.float()
         model.checkpoint_path = path
+        model.tta = check_tta(tta)
         return model.eval()
 
     def check_layout(self, state: Mapping[str, torch.Tensor], path: Path | None = None) -> None:
@@ -529,19 +535,20 @@ class BEiT3Retrieval(RetrievalModel):
                 "std": list(IMAGE_STD),
             },
             "text": {"max_len": self.config.text_max_len, "ids": "xlm-r (bos 0, pad 1, eos 2, unk 3, spm id + 1)"},
+            "tta": self.tta,
         }
         if self.tokenizer is not None:
             out["tokenizer"] = {"file": self.tokenizer.path.name, "sha256": self.tokenizer.sha256}
         return out
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        """{"image": [3, S, S]} exactly as the reference's test transform."""
-        return self._preprocess(image)
+        """{"image": [3, S, S]} exactly as the reference's test transform; with TTA, the image and its mirror."""
+        return self.image_preprocessor(image, None)
 
     @property
-    def image_preprocessor(self) -> BEiT3Preprocess:
+    def image_preprocessor(self) -> Callable[[Image.Image, Image.Image | None], Features]:
         """`preprocess` as a standalone picklable object, so spawned DataLoader workers never copy the weights."""
-        return self._preprocess
+        return with_tta(self._preprocess, self.tta)
 
     def tokenize(self, texts: Sequence[str]) -> Features:
         """{"input_ids", "padding_mask"} [N, 64]; captions are not cleaned (the reference does not clean them)."""
@@ -553,12 +560,15 @@ class BEiT3Retrieval(RetrievalModel):
         return self.vision_head.weight
 
     def encode_images(self, batch: Features) -> Features:
-        """Vision-expert pass; `embed` = L2-normalised `vision_head(CLS)` [N, D]."""
+        """Vision-expert pass; `embed` = L2-normalised `vision_head(CLS)` [N, D] (with TTA, of both views)."""
         p = self._param()
-        images = batch["image"].to(device=p.device, dtype=p.dtype)
-        out = self.beit3(textual_tokens=None, visual_tokens=images, text_padding_position=None)
-        cls = self.vision_head(out["encoder_out"][:, 0, :])
-        return {"embed": F.normalize(cls, dim=-1)}
+
+        def encode(b: Features) -> torch.Tensor:
+            images = b["image"].to(device=p.device, dtype=p.dtype)
+            out = self.beit3(textual_tokens=None, visual_tokens=images, text_padding_position=None)
+            return F.normalize(self.vision_head(out["encoder_out"][:, 0, :]), dim=-1)
+
+        return encode_views(encode, batch, self.tta)
 
     def encode_texts(self, tokens: Features) -> Features:
         """Language-expert pass with the padding mask; `embed` = L2-normalised `language_head(CLS)` [N, D]."""

@@ -16,7 +16,7 @@ Scores, as LAVIS computes them (docs/models/blip2.md):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +28,7 @@ from PIL import Image
 from ..errors import TpasInputError
 from .base import TRUST_CHECKPOINT, VOCAB, FamilyOption, Features, RetrievalModel, register
 from .checkpoint import WEIGHT_KINDS, load_checkpoint, sniff
+from .tta import TTA_MATCH_OPTION, check_tta, encode_views, with_tta
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -152,6 +153,16 @@ _QFORMER_KEYS = (
 )
 
 
+class Blip2Pixels:
+    """What DataLoader workers run per image: `{"pixel_values": transform(image)}`; picklable, no weights."""
+
+    def __init__(self, transform: Blip2Preprocess):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
+        return {"pixel_values": self.transform(image)}
+
+
 @register("blip2")
 class Blip2Model(RetrievalModel):
     """BLIP-2 Q-Former ITC + ITM (LAVIS pretrain / pretrain_vitL) on `Blip2ForImageTextRetrieval`."""
@@ -166,6 +177,7 @@ class Blip2Model(RetrievalModel):
         ),
         VOCAB,
         TRUST_CHECKPOINT,
+        TTA_MATCH_OPTION,
     )
 
     def __init__(
@@ -176,6 +188,7 @@ class Blip2Model(RetrievalModel):
         *,
         itc_score: str = "max",
         checkpoint: Path | None = None,
+        tta: str = "none",
     ):
         super().__init__()
         if itc_score not in ITC_SCORES:
@@ -184,6 +197,7 @@ class Blip2Model(RetrievalModel):
         self.tokenizer = tokenizer
         self.lavis = dict(lavis)
         self.itc_score = itc_score
+        self.tta = check_tta(tta)
         self.checkpoint_path = checkpoint
         vcfg = hf_model.config.vision_config
         self.max_txt_len = int(self.lavis.get("max_txt_len", DEFAULT_MAX_TXT_LEN))
@@ -294,6 +308,7 @@ class Blip2Model(RetrievalModel):
             lavis,
             itc_score=options.get("itc_score") or (config or {}).get("itc_score") or "max",
             checkpoint=path,
+            tta=options.get("tta") or "none",
         )
         if obj.ln_pre is not None:
             ln_file = path / LN_PRE_FILE
@@ -364,14 +379,20 @@ class Blip2Model(RetrievalModel):
             **self.architecture(),
             "ln_vision_eps": float(self.hf.vision_model.post_layernorm.eps),
             "itc_score": self.itc_score,
+            "tta": self.tta,
             "preprocess": self._preprocess.describe(),
             "tokenizer": {"vocab_size": len(self.tokenizer), "bos": "[DEC]", "itm_max_length": self.max_txt_len},
         }
 
     # ------------------------------------------------------------------------------------------ preprocessing
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        """{"pixel_values": [3, S, S]}: LAVIS `blip_image_eval` (no crop)."""
-        return {"pixel_values": self._preprocess(image)}
+        """{"pixel_values": [3, S, S]}: LAVIS `blip_image_eval` (no crop); with TTA, the image and its mirror."""
+        return self.image_preprocessor(image, None)
+
+    @property
+    def image_preprocessor(self) -> Callable[[Image.Image, Image.Image | None], Features]:
+        """The picklable LAVIS transform that DataLoader workers run (no weights inside), with the mirror for TTA."""
+        return with_tta(Blip2Pixels(self._preprocess), self.tta)
 
     def clean(self, texts: Sequence[str]) -> list[str]:
         """LAVIS `blip_caption` cleaning of each caption."""
@@ -417,12 +438,17 @@ class Blip2Model(RetrievalModel):
             ).last_hidden_state
 
     def encode_images(self, batch: Features) -> Features:
-        """{"embed": normalised vision_proj of the query outputs [N, 32, 256], "vision": ViT output for ITM}."""
-        vision = self.encode_vision(batch["pixel_values"])
-        queries = self.query_outputs(vision)
-        with self._qformer_fp32():
-            embed = F.normalize(self.hf.vision_projection(queries), dim=-1)
-        return {"embed": embed, "vision": vision}
+        """{"embed": normalised vision_proj of the query outputs [N, 32, 256], "vision": ViT output for ITM}; with
+        TTA, each query token's `embed` averages the two views and `vision` is the plain view's."""
+
+        def encode(b: Features) -> Features:
+            vision = self.encode_vision(b["pixel_values"])
+            queries = self.query_outputs(vision)
+            with self._qformer_fp32():
+                embed = F.normalize(self.hf.vision_projection(queries), dim=-1)
+            return {"embed": embed, "vision": vision}
+
+        return encode_views(encode, batch, self.tta)
 
     def encode_texts(self, tokens: Features) -> Features:
         """{"embed": normalised text_proj of [CLS] [N, 256]} plus the ITM ids that `match` needs."""

@@ -1,9 +1,10 @@
 """The one inference engine: any registered model family -> a SimsMatrix file.
 
 `infer` lists the gallery (sorted ids), decodes and preprocesses images in DataLoader workers with the family's own
-`preprocess`, encodes them in batches under `torch.inference_mode` (autocast fp16/bf16 on CUDA), and writes every
-encoded batch to a feature store on disk, so a killed run resumes where it stopped. Texts are tokenized and encoded
-in batches; the first-stage matrix is `model.similarity(text, image)`. Families with a matching head can re-rank each
+`preprocess` (batched there by its `image_collate` when items differ in size), encodes them in batches under
+`torch.inference_mode` (autocast fp16/bf16 on CUDA), and writes every encoded batch to a feature store on disk, so a
+killed run resumes where it stopped. Texts are tokenized and encoded in batches; the first-stage matrix is
+`model.similarity(text, image)`. Families with a matching head can re-rank each
 query's top-k (by their own ITC, or by another model's matrix) with `model.match`, in batches of (query, image) pairs
 gathered across queries; the per-image states `match` needs stay in the store on disk and are read back only for the
 images a batch uses, so a 36,773-image gallery never has to sit in memory as cross-attention states.
@@ -421,7 +422,9 @@ def _encode_gallery(
         run.model.image_preprocessor,
         [poses[i] for i in todo] if poses is not None else None,
     )
-    loader = gallery_loader(dataset, run.batch_size, num_workers, pin_memory=run.dev.type == "cuda")
+    loader = gallery_loader(
+        dataset, run.batch_size, num_workers, pin_memory=run.dev.type == "cuda", collate=run.model.image_collate
+    )
     bad: dict[int, str] = {}
     done, encoded, t0 = cached, 0, time.perf_counter()
     with _loader_iter(loader) as batches:
@@ -457,7 +460,8 @@ def encode_images_in_memory(
     The engine's decoding and per-batch encoding without the feature store, for galleries that fit in memory (the
     trainer's evaluation split). An unreadable image raises the engine's error.
     """
-    loader = gallery_loader(GalleryDataset(list(paths), model.image_preprocessor, poses), batch_size, num_workers)
+    dataset = GalleryDataset(list(paths), model.image_preprocessor, poses)
+    loader = gallery_loader(dataset, batch_size, num_workers, collate=model.image_collate)
     parts: list[Features] = []
     with _loader_iter(loader) as batches:
         for batch in batches:

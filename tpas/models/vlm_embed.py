@@ -43,31 +43,59 @@ DEFAULT_TOKENS = (256, 1280)
 
 
 class VlmImagePreprocess:
-    """Processor on (image prompt, image), left-padded to fixed sizes so that the engine can stack items:
-    token tensors to `max_len`, patches to `max_patches` (the bound `max_pixels` sets). Picklable, no weights."""
+    """The processor's output for (image prompt, image), one item, unpadded. Picklable, no weights.
 
-    def __init__(self, processor: Any, prompt: str, max_len: int, max_patches: int):
+    The prompt's tokens depend on the image only through its number of visual tokens, so the processor's full call
+    (tokenizer and all) runs once per count and later images of that count run the image processor alone.
+    """
+
+    def __init__(self, processor: Any, prompt: str):
         self.processor = processor
         self.prompt = prompt
-        self.max_len = max_len
-        self.max_patches = max_patches
+        self.tokens: dict[int, Features] = {}  # visual-token count -> the prompt's token tensors
 
     def __call__(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        out = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
-        ids = out["input_ids"][0]
-        pad = self.max_len - ids.shape[0]
-        pv = out["pixel_values"]
-        if pad < 0 or pv.shape[0] > self.max_patches:
-            raise RuntimeError(f"image gave {ids.shape[0]} tokens / {pv.shape[0]} patches, above the bound")
-        feats = {
-            "pixel_values": torch.nn.functional.pad(pv, (0, 0, 0, self.max_patches - pv.shape[0])),
-            "image_grid_thw": out["image_grid_thw"][0],
-        }
-        pad_id = self.processor.tokenizer.pad_token_id
-        for k, v in out.items():
-            if k not in feats and v.shape == out["input_ids"].shape:
-                feats[k] = torch.nn.functional.pad(v[0], (pad, 0), value=pad_id if k == "input_ids" else 0)
-        return feats
+        ip = self.processor.image_processor
+        pixels = ip(images=[image], return_tensors="pt")
+        grid = pixels["image_grid_thw"][0]
+        count = int(grid.prod()) // int(ip.merge_size) ** 2
+        if count not in self.tokens:
+            out = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+            self.tokens[count] = {k: v[0] for k, v in out.items() if v.shape == out["input_ids"].shape}
+        return {"pixel_values": pixels["pixel_values"], "image_grid_thw": grid, **self.tokens[count]}
+
+
+class VlmCollate:
+    """Batches `VlmImagePreprocess` items (or their [2, ...] TTA views): prompt tokens left-padded to the batch's
+    longest (the last position stays every prompt's last token), patches padded at the end to the batch's most
+    (`encode_images` takes each image's own); the grids stacked. Picklable."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Features]) -> Features:
+        out = {}
+        for key in items[0]:
+            parts = [it[key] for it in items]
+            if key == "image_grid_thw":
+                out[key] = torch.stack(parts)
+            elif key == "pixel_values":
+                out[key] = _pad_stack(parts, dim=-2, left=False, value=0)
+            else:
+                out[key] = _pad_stack(parts, dim=-1, left=True, value=self.pad_id if key == "input_ids" else 0)
+        return out
+
+
+def _pad_stack(parts: list[torch.Tensor], dim: int, left: bool, value: int) -> torch.Tensor:
+    """Stack tensors that differ only in size along `dim` (negative), padding each with `value` on one side."""
+    size = max(p.shape[dim] for p in parts)
+    shape = list(parts[0].shape)
+    shape[dim] = size
+    out = parts[0].new_full((len(parts), *shape), value)
+    for row, p in zip(out, parts, strict=True):
+        n = p.shape[dim]
+        row.narrow(dim, size - n if left else 0, n).copy_(p)
+    return out
 
 
 @register("vlm-embed")
@@ -95,13 +123,7 @@ class VlmEmbedModel(RetrievalModel):
         self.processor = processor
         self.settings = settings
         self.tta = settings["tta"]
-        ip = processor.image_processor
-        factor = int(ip.patch_size) * int(ip.merge_size)
-        max_tokens = settings["max_pixels"] // factor**2
-        self.max_patches = max_tokens * int(ip.merge_size) ** 2
-        prompt = self.prompt(settings["image_instruction"], None)
-        base = len(processor.tokenizer(prompt)["input_ids"])  # one image token, which the processor expands
-        self.image_prompt, self.image_len = prompt, base - 1 + max_tokens
+        self.image_prompt = self.prompt(settings["image_instruction"], None)
 
     @classmethod
     def from_checkpoint(
@@ -181,12 +203,15 @@ class VlmEmbedModel(RetrievalModel):
     @property
     def image_preprocessor(self) -> Any:
         """The picklable processor call that DataLoader workers run, with the mirror view for TTA."""
-        return with_tta(
-            VlmImagePreprocess(self.processor, self.image_prompt, self.image_len, self.max_patches), self.tta
-        )
+        return with_tta(VlmImagePreprocess(self.processor, self.image_prompt), self.tta)
+
+    @property
+    def image_collate(self) -> VlmCollate:
+        """Pads each batch only as far as its own longest prompt and largest image need."""
+        return VlmCollate(self.processor.tokenizer.pad_token_id)
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        """Prompt tokens and patches of one image (fixed, padded sizes); with TTA, the image and its mirror."""
+        """Prompt tokens and patches of one image (unpadded); with TTA, the image and its mirror."""
         return self.image_preprocessor(image, pose)
 
     def tokenize(self, texts: Sequence[str]) -> Features:

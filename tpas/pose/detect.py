@@ -13,7 +13,6 @@ Other detectors (OpenPose itself, MMPose, ...) plug in with `register_detector`.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,15 +77,15 @@ class KeypointRCNNDetector:
     def __init__(
         self, weights: Path, *, device: str = "cpu", box_threshold: float = 0.7, keypoint_threshold: float = 0.0
     ) -> None:
-        import torch
+        from ..models.checkpoint import extract_state_dict, load_checkpoint
 
+        state = extract_state_dict(load_checkpoint(weights), weights)  # damaged / foreign files: one line
         try:
             from torchvision.models.detection import keypointrcnn_resnet50_fpn
 
             model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_keypoints=17)
-            state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, ImportError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        except (RuntimeError, ImportError, KeyError) as e:
             raise TpasInputError(
                 f"cannot build torchvision Keypoint R-CNN from this file ({str(e).splitlines()[0]})", weights
             ) from None

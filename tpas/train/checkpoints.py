@@ -46,14 +46,16 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """Open a training checkpoint with weights_only=True; TpasInputError if it is not one."""
+def load_training_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
+    """Open a training checkpoint of format `fmt` with weights_only=True; TpasInputError if it is not one."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TpasInputError("no checkpoint to resume from", path) from None
     except Exception as e:
         raise TpasInputError(f"cannot load training checkpoint ({e})", path) from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise TpasInputError(f"not a tpas training checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else None
+        detail = f", found {found!r}" if isinstance(found, str) else ""
+        raise TpasInputError(f"not a tpas training checkpoint (expected format {fmt!r}{detail})", path)
     return obj

@@ -1,5 +1,8 @@
-"""Training configuration: YAML sections with defaults (= the original CMP code's recipe), `--set key=value` overrides.
+"""Training configuration: YAML sections with defaults, `--set key=value` overrides.
 
+Each kind of model has its defaults: `DEFAULTS` (= the original CMP code's recipe) for `tpas train cmp`,
+`XVLM_DEFAULTS` (= X-VLM's retrieval fine-tuning, zengyan-97/X-VLM Retrieval.py and configs/Retrieval_*.yaml) for
+`tpas train xvlm`; they share every section that means the same (data, train, eval, output).
 Unknown keys are errors that name the key and the known ones, so a typo never silently trains with a default.
 Relative paths in the file are relative to the directory `tpas train` runs in (as in the original `run.py`).
 """
@@ -34,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "pose": True,
         "num_workers": 4,
         "max_records": None,  # use only the first N training records (quick experiments)
+        "subset": None,  # a list file: train only on the pairs of the images it names, one per line
     },
     "model": {"preset": "base"},  # base (cmp.pth architecture) or tiny; any CMPConfig field overrides
     "init": {
@@ -86,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
         "eps": 1.0e-8,
         "lr_mult": 2.0,
         "new_param_patterns": PAPER_NEW_PARAM_PATTERNS,
-        "warmup_steps": 500,
+        "warmup_steps": 500,  # steps, or a fraction of the run's steps when below 1 (X-VLM's 0.1)
         "schedule": "step",  # step (x1 / x0.5 / x0.2 until 4x / 7x warm-up / after) | linear
         "grad_clip": None,
     },
@@ -114,6 +118,40 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _xvlm_defaults() -> dict[str, Any]:
+    """X-VLM retrieval fine-tuning (Retrieval.py, configs/Retrieval_coco.yaml / Retrieval_flickr.yaml,
+    dataset/__init__.py `train_transform`, optim.py, scheduler.py); sections CMP has and X-VLM has not (masking,
+    pose, the EDA/IHNM/MLM switches) are absent, so setting them is an error."""
+    d = copy.deepcopy(DEFAULTS)
+    del d["masking"], d["data"]["pose"]
+    d["model"] = {"preset": "base"}  # base (X-VLM's retrieval architecture, 384 px) or tiny; XVLMConfig fields
+    d["init"] = {
+        "checkpoint": None,  # an X-VLM retrieval checkpoint (loaded strictly, as `tpas infer xvlm` loads it)
+        "pretrained": None,  # or X-VLM's pre-training (16m_base_model_state_step_199999.th), reported key by key
+    }
+    d["augment"] = {
+        "hflip": 0.5,
+        "crop_scale": [0.5, 1.0],  # RandomResizedCrop(scale=(0.5, 1.0), bicubic)
+        "randaug_n": 2,  # RandomAugment(2, 7)
+        "randaug_m": 7,
+        "random_erasing": 0.0,
+        "erasing_area": [0.02, 0.4],
+        "erasing_aspect": 0.3,
+        "eda": False,
+    }
+    d["loss"] = {"itc_label_smoothing": 0.0, "itm_in_batch_negatives": True, "itc_gradient": "paper",
+                 "temp_clamp": None}  # fmt: skip
+    d["optim"].update(lr=3.0e-5, new_param_patterns=[], warmup_steps=0.1, schedule="linear")
+    d["train"].update(epochs=10, batch_size=20)
+    d["eval"].update(rerank_k=128)
+    d["output"]["dir"] = "output/xvlm"
+    return d
+
+
+XVLM_DEFAULTS: dict[str, Any] = _xvlm_defaults()
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"cmp": DEFAULTS, "xvlm": XVLM_DEFAULTS}
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str | Path | None) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -134,9 +172,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str
     return out
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The full training config: defaults <- YAML file or packaged preset (`cmp_tiny`), if any <- `--set` overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), kind: str = "cmp"
+) -> dict[str, Any]:
+    """The full training config of `kind` (cmp | xvlm): its defaults <- YAML file or packaged preset (`cmp_tiny`),
+    if any <- `--set` overrides."""
+    if kind not in KIND_DEFAULTS:
+        raise TpasInputError(f"unknown training kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
+    cfg = copy.deepcopy(KIND_DEFAULTS[kind])
     if path is not None:
         p = find_config(path, "train")
         data = read_yaml(p, expected="a YAML mapping of sections")

@@ -1,5 +1,5 @@
 """Training data for CMP: image + pose map, its identity-based hard negative (image + pose, caption), an EDA view of the
-caption and the MLM targets, with the recipe's augmentation.
+caption and the MLM targets, with the recipe's augmentation; for X-VLM the (image, caption, id) pair alone.
 
 Every random choice of a sample (augmentation, EDA, masking) comes from a generator seeded by (seed, epoch, index), so
 a sample is the same whichever worker, rank or resumed run produces it. Augmentation is written with PIL and torch
@@ -7,14 +7,18 @@ only (no compiled torchvision ops). The original code's transform (the default):
 horizontal flip (p 0.5), normalise, random erasing (p 0.6, area 2-40 %, aspect uniform in [0.3, 1/0.3], value 0),
 and no RandAugment; every image, hard image and pose map gets its own draw of it (`pose: independent`). Opt-in:
 RandAugment-style ops (`randaug_n` > 0) and pose maps that follow their image's flip and geometric ops and are never
-erased (`pose: follow-image`).
+erased (`pose: follow-image`). X-VLM's transform (dataset/__init__.py `train_transform`) adds a random resized crop
+(`crop_scale`, aspect ratio in [3/4, 4/3], torchvision's rule) in place of the plain resize.
+
+`select_pairs` keeps the records of the images a list file names (`data.subset`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from ..data.pab import TrainRecord
+from ..data.pab import TrainRecord, _read_id_lines
 from ..errors import TpasInputError
 from ..models.cmp.text import clean_caption
 from .masking import MaskingConfig, mask_tokens
 from .text_aug import eda
 
 POSE_MODES = ("independent", "follow-image")
+# torchvision RandomResizedCrop's defaults: aspect ratios drawn log-uniformly from [3/4, 4/3], 10 tries.
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class AugmentConfig:
     pose: str = "independent"  # independent | follow-image (see the module docstring)
     eda: bool = True
     eda_alpha: float = 0.1
+    crop_scale: tuple[float, float] | None = None  # random resized crop's area range (X-VLM: 0.5-1); None: resize
 
     def __post_init__(self) -> None:
         if self.pose not in POSE_MODES:
@@ -56,6 +64,12 @@ class AugmentConfig:
             raise TpasInputError(f"augment.erasing_aspect must be in (0, 1] (the range is [a, 1/a]), not "
                                  f"{self.erasing_aspect}")  # fmt: skip
         object.__setattr__(self, "erasing_area", (lo, hi))
+        if self.crop_scale is not None:
+            lo, hi = (float(v) for v in self.crop_scale)
+            if not 0 < lo <= hi <= 1:
+                raise TpasInputError(f"augment.crop_scale must be null or [min, max] with 0 < min <= max <= 1, not "
+                                     f"[{lo}, {hi}]")  # fmt: skip
+            object.__setattr__(self, "crop_scale", (lo, hi))
 
 
 def load_rgb(path: Path, where: str = "") -> Image.Image:
@@ -76,26 +90,30 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 
 
 class TrainTransform:
-    """Resize, flip, optional RandAugment-style ops, normalise, random erasing (see the module docstring)."""
+    """Resize (or random resized crop), flip, optional RandAugment-style ops, normalise, random erasing (see the
+    module docstring). `size` is S (S x S) or (height, width)."""
 
     COLOUR_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "contrast")
     GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
     # Tries to place a rectangle inside the image before giving up on erasing it (the original's count).
     ERASING_TRIES = 100
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], cfg: AugmentConfig) -> None:
-        self.size, self.mean, self.std, self.cfg = size, tuple(mean), tuple(std), cfg
+    def __init__(
+        self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], cfg: AugmentConfig
+    ) -> None:
+        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.mean, self.std, self.cfg = tuple(mean), tuple(std), cfg
 
     def _geometric(self, img: Image.Image, op: str, v: float, fill: tuple[int, int, int]) -> Image.Image:
-        s = self.size
+        h, w = self.hw
         if op == "shear_x":
             return img.transform(img.size, Image.AFFINE, (1, v * 0.3, 0, 0, 1, 0), Image.BILINEAR, fillcolor=fill)
         if op == "shear_y":
             return img.transform(img.size, Image.AFFINE, (1, 0, 0, v * 0.3, 1, 0), Image.BILINEAR, fillcolor=fill)
         if op == "translate_x":
-            return img.transform(img.size, Image.AFFINE, (1, 0, v * 0.3 * s, 0, 1, 0), fillcolor=fill)
+            return img.transform(img.size, Image.AFFINE, (1, 0, v * 0.3 * w, 0, 1, 0), fillcolor=fill)
         if op == "translate_y":
-            return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * 0.3 * s), fillcolor=fill)
+            return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * 0.3 * h), fillcolor=fill)
         return img.rotate(v * 30.0, resample=Image.BILINEAR, fillcolor=fill)
 
     @staticmethod
@@ -111,6 +129,23 @@ class TrainTransform:
         if op == "contrast":
             return ImageEnhance.Contrast(img).enhance(1 + 0.9 * v)
         return img
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """A random resized crop's box (left, top, right, bottom): area fraction in `crop_scale`, aspect ratio
+        log-uniform in [3/4, 4/3]; after 10 misses the centred box of the clamped ratio (torchvision's rule)."""
+        lo, hi = self.cfg.crop_scale or (1.0, 1.0)
+        area = width * height
+        for _ in range(CROP_TRIES):
+            target = area * rng.uniform(lo, hi)
+            ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= width and 0 < ch <= height:
+                top, left = rng.randint(0, height - ch), rng.randint(0, width - cw)
+                return left, top, left + cw, top + ch
+        ratio = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
+        cw, ch = (width, round(width / ratio)) if width / height <= ratio else (round(height * ratio), height)
+        left, top = (width - cw) // 2, (height - ch) // 2
+        return left, top, left + cw, top + ch
 
     def erase(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """Zero one random rectangle of `x` [C, H, W] in place (area and aspect drawn uniformly, as the original)."""
@@ -131,9 +166,13 @@ class TrainTransform:
         self, image: Image.Image, rng: random.Random, fill: tuple[int, int, int], follower: Image.Image | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One draw of the transform for `image`; `follower` (a pose map) takes its flip and geometric ops only."""
-        s = self.size
-        image = image.resize((s, s), Image.BICUBIC)
-        follower = None if follower is None else follower.resize((s, s), Image.BICUBIC)
+        h, w = self.hw
+        if self.cfg.crop_scale is not None:
+            box = self.crop_box(image.width, image.height, rng)
+            image = image.crop(box)
+            follower = None if follower is None else follower.crop(box)
+        image = image.resize((w, h), Image.BICUBIC)
+        follower = None if follower is None else follower.resize((w, h), Image.BICUBIC)
         if rng.random() < self.cfg.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             follower = None if follower is None else follower.transpose(Image.FLIP_LEFT_RIGHT)
@@ -172,7 +211,8 @@ class CMPTrainDataset(torch.utils.data.Dataset):
     """PAB training records -> dicts of tensors (see the module docstring); `set_epoch` changes the random draws.
 
     `root` is the PAB root: images at `root/<image>`, hard negatives at `root/train/<hard_i>`, pose maps at
-    `root/pose/<image>` and `root/pose/train/<hard_i>`.
+    `root/pose/<image>` and `root/pose/train/<hard_i>`. `pair_only` (X-VLM) gives just image, text_ids, text_mask
+    and idx. `clean_caption`: the model's caption rule before tokenizing (default: the tokenizer's own, CMP's).
     """
 
     def __init__(
@@ -183,9 +223,11 @@ class CMPTrainDataset(torch.utils.data.Dataset):
         transform: TrainTransform,
         *,
         pose: bool,
-        masking: MaskingConfig,
+        masking: MaskingConfig = MaskingConfig(),
         seed: int = 0,
         ihnm: bool = True,
+        pair_only: bool = False,
+        clean_caption: Callable[[str], str] | None = None,
     ) -> None:
         if not records:
             raise TpasInputError("no training records", root)
@@ -197,6 +239,8 @@ class CMPTrainDataset(torch.utils.data.Dataset):
         self.masking = masking
         self.seed = seed
         self.ihnm = ihnm
+        self.pair_only = pair_only
+        self.clean_caption = clean_caption
         self.epoch = 0
         # Identity-aware ITC targets compare integer ids: one per distinct image_id (hard_i_ids included).
         ids = sorted({r.image_id for r in self.records} | {r.hard_i_id for r in self.records if r.hard_i_id})
@@ -212,24 +256,34 @@ class CMPTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, attention_mask [N, L] of `captions`, each distinct one tokenized once (the Python WordPiece
-        tokenizer is a large share of a tiny model's step, and without EDA or IHNM the three captions are one)."""
-        distinct = list(dict.fromkeys(captions))
-        tok = self.tokenizer(distinct)
-        rows = torch.tensor([distinct.index(c) for c in captions])
-        return tok["input_ids"][rows], tok["attention_mask"][rows]
-
     def _image_pair(self, rel: Path, where: str, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = load_rgb(self.root / rel, where)
         pose = load_rgb(self.root / "pose" / rel, where) if self.pose else None
         return self.transform(image, pose, rng)
+
+    def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask [N, L] of `captions`, each distinct one tokenized once (the Python WordPiece
+        tokenizer is a large share of a tiny model's step, and without EDA or IHNM a record's three are one)."""
+        distinct = list(dict.fromkeys(captions))
+        if self.clean_caption is None:
+            tok = self.tokenizer(distinct)
+        else:
+            tok = self.tokenizer([self.clean_caption(c) for c in distinct], clean=False)
+        rows = torch.tensor([distinct.index(c) for c in captions])
+        return {k: v[rows] for k, v in tok.items()}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         r = self.records[index]
         where = f"record {index} (image_id {r.image_id})"
         rng = sample_rng(self.seed, self.epoch, index)
         image, pose = self._image_pair(Path(r.image), where, rng)
+        idx = torch.tensor(self.id_index[r.image_id], dtype=torch.long)
+        if self.pair_only:
+            try:
+                tok = self._encode([r.caption])
+            except ValueError as e:
+                raise TpasInputError(f"caption cannot be used ({e})", None, where) from None
+            return {"image": image, "text_ids": tok["input_ids"][0], "text_mask": tok["attention_mask"][0], "idx": idx}
         has_hard = self.ihnm and bool(r.hard_i) and bool(r.hard_c)
         if has_hard:
             hard_image, hard_pose = self._image_pair(Path("train") / str(r.hard_i), where + " hard_i", rng)
@@ -242,9 +296,10 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             if self.transform.cfg.eda:
                 # As the original: EDA on the cleaned caption (all of it), then the tokenizer cuts to max_words.
                 eda_caption = eda(clean_caption(r.caption, max_words=sys.maxsize), rng, self.transform.cfg.eda_alpha)
-            ids, att = self._tokenize([r.caption, hard_caption, eda_caption])
+            tok = self._encode([r.caption, hard_caption, eda_caption])
         except ValueError as e:
             raise TpasInputError(f"caption cannot be used ({e})", None, where) from None
+        ids, att = tok["input_ids"], tok["attention_mask"]
         masked = mask_tokens(
             ids[0],
             att[0],
@@ -267,7 +322,7 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             "mlm_ids": masked.input_ids,
             "mlm_pos": masked.masked_pos,
             "mlm_labels": masked.masked_ids,
-            "idx": torch.tensor(self.id_index[r.image_id], dtype=torch.long),
+            "idx": idx,
             "hard_idx": torch.tensor(self.id_index.get(r.hard_i_id or "", -1), dtype=torch.long),
             "has_hard": torch.tensor(has_hard),
         }
@@ -275,3 +330,18 @@ class CMPTrainDataset(torch.utils.data.Dataset):
             out["pose"] = pose
             out["hard_pose"] = hard_pose  # type: ignore[assignment]
         return out
+
+
+def select_pairs(records: Sequence[TrainRecord], list_file: str | Path) -> list[TrainRecord]:
+    """The records of the images `list_file` names: one annotation `image` path per line (as the training
+    annotation writes it, e.g. `train/imgs_0/12.jpg`), every pair of that image kept, annotation order kept.
+
+    A line naming no training image, a duplicate or a blank line inside raises TpasInputError with its line number.
+    """
+    lines = _read_id_lines(list_file, "image path")
+    known = {r.image.replace("\\", "/") for r in records}
+    for n, line in enumerate(lines, 1):
+        if line.replace("\\", "/") not in known:
+            raise TpasInputError(f"image {line!r} is not in the training annotation", list_file, f"line {n}")
+    wanted = {line.replace("\\", "/") for line in lines}
+    return [r for r in records if r.image.replace("\\", "/") in wanted]

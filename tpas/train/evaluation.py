@@ -33,13 +33,14 @@ def evaluate_model(
     rerank_k: int = 0,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Retrieval metrics of `model` (a CMP with its tokenizer set) on a test-format annotation under `root`.
+    """Retrieval metrics of `model` (a CMP or X-VLM with its tokenizer set) on a test-format annotation under `root`.
 
     Images are `root/<image>`, pose maps `root/pose/<image>` (as `tpas infer --pose root/pose/...` finds them).
     `batch_size` is the engine's `--batch-size` (images, captions and re-rank pairs per forward).
 
     Returns {"itc": {R@1, R@5, R@10, mAP, mINP}} and, with rerank_k > 0, {"itm": ...} for the ITM re-ranked matrix
-    (each query's top-k ITC candidates re-scored, others at the row minimum, then the CMP final combination).
+    (each query's top-k ITC candidates re-scored, then the family's `finalize_rerank`: CMP's final combination,
+    X-VLM's -100 outside the top-k).
     """
     records = read_test_annotation(annotation)
     gt = ground_truth_from_records(records, annotation)
@@ -48,7 +49,7 @@ def evaluate_model(
         first_image.setdefault(r.gallery_id, r.image)
     gallery_ids = sorted(first_image)
     paths = [root / first_image[g] for g in gallery_ids]
-    poses = [pose_path(p, root, root / "pose") for p in paths] if model.config.pose else None
+    poses = [pose_path(p, root, root / "pose") for p in paths] if getattr(model.config, "pose", False) else None
     was_training = model.training
     model.eval()
     try:
@@ -57,12 +58,14 @@ def evaluate_model(
         text = encode_texts(model, captions, device, autocast, batch_size)
         itc = similarity_matrix(model, text["embed"], image["embed"], device)
         query_ids = annotation_query_ids(records)
-        out = {"itc": evaluate(SimsMatrix(query_ids, gallery_ids, scores=itc, source="cmp-itc"), gt).metrics()}
+        family = model.family
+        out = {"itc": evaluate(SimsMatrix(query_ids, gallery_ids, scores=itc, source=f"{family}-itc"), gt).metrics()}
         if rerank_k:
             k = min(rerank_k, len(gallery_ids))
             reranked = rerank_topk(model, in_memory(image), text, itc, k, device, autocast, batch_size)
             final = model.finalize_rerank(reranked.filled, itc).float()
-            out["itm"] = evaluate(SimsMatrix(query_ids, gallery_ids, scores=final, source="cmp-itm"), gt).metrics()
+            final_sims = SimsMatrix(query_ids, gallery_ids, scores=final, source=f"{family}-itm")
+            out["itm"] = evaluate(final_sims, gt).metrics()
         return out
     finally:
         model.train(was_training)

@@ -1,6 +1,10 @@
 """CMP training losses: ITC (identity-aware, label-smoothed, over the all-gathered batch), IHNM-enhanced ITM with
 in-batch hard negatives, MLM, and the EDA caption view. Total = ITC + ITM + MLM.
 
+X-VLM's retrieval fine-tuning (models/xvlm.py `get_contrastive_loss`, `get_matching_loss`) is the same loss with
+CMP's additions off: `LossConfig(itc_label_smoothing=0, eda=False, ihnm=False, mlm=False)` gives ITC with
+identity-aware targets + ITM over the B positives and 2B in-batch hard negatives, one mean. Total = ITC + ITM.
+
 Normalisation is chosen so that, under DDP (which averages gradients over ranks), the gradient equals that of one
 process holding the whole global batch: per-row means over equal local batch sizes for ITC, and for ITM/MLM (whose
 row/token counts can differ per rank) the local sum divided by the global count / world size. The `paper` switches
@@ -44,6 +48,7 @@ class LossConfig:
     itm_pooling: str = "paper"  # paper | pooled (see the module docstring)
     itc_gradient: str = "paper"  # paper | global
     temp_clamp: tuple[float, float] | None = None  # (min, max) applied to the temperature before every step
+    mlm: bool = True  # the masked-language-modelling term (X-VLM's retrieval fine-tuning has none)
     # Weights of the ITM and MLM terms in the total; 0 leaves the term out and skips its cross-encoder passes
     # (an ITC-only run trains the dual encoder several times faster per sample).
     itm_weight: float = 1.0
@@ -222,7 +227,7 @@ def _itc_with_hard_pairs(
     """ITC over the batch plus each record's valid hard pair (hard image + its caption, ids `hard_idx`): the same
     person in the other behaviour sits in the batch as a negative of the record's own pair."""
     valid = batch["has_hard"].bool() & (batch["hard_idx"] >= 0)
-    pose = batch.get("hard_pose") if model.config.pose else None
+    pose = batch.get("hard_pose") if getattr(model.config, "pose", False) else None
     hard_image = model.image_feat(model.encode_image_tokens(batch["hard_image"][valid],
                                                             None if pose is None else pose[valid]))  # fmt: skip
     hard_text = model.text_feat(model.encode_text_tokens(batch["hard_ids"][valid], batch["hard_mask"][valid]))
@@ -233,12 +238,14 @@ def _itc_with_hard_pairs(
 
 
 def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """Every CMP loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share), plus the
-    parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for logging."""
+    """Every loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share; mlm only with
+    `cfg.mlm` and a non-zero `mlm_weight`, itm 0 at `itm_weight` 0), plus the parts (itc_main, itc_eda, itm_main,
+    itm_eda) and ITM accuracies, the latter detached for logging. Models without a pose branch (X-VLM: no
+    `config.pose`) get no pose maps."""
     if cfg.temp_clamp is not None:
         with torch.no_grad():
             model.temp.clamp_(*cfg.temp_clamp)
-    pose_aware = bool(model.config.pose)
+    pose_aware = bool(getattr(model.config, "pose", False))
     image_tokens = model.encode_image_tokens(batch["image"], batch.get("pose") if pose_aware else None)
     image_feat = model.image_feat(image_tokens)
     text_states = model.encode_text_tokens(batch["text_ids"], batch["text_mask"])
@@ -255,7 +262,6 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
             itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
         )
 
-    zero = image_feat.new_zeros(()).float()
     if cfg.itm_weight:
         hard = None
         if cfg.ihnm:
@@ -268,9 +274,8 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
                                           pooling=cfg.itm_pooling)  # fmt: skip
         out.update(stats)
     else:
-        out["itm_main"] = zero
-    out["mlm"] = zero
-    if cfg.mlm_weight:
+        out["itm_main"] = image_feat.new_zeros(()).float()
+    if cfg.mlm and cfg.mlm_weight:
         out["mlm"] = mlm_loss(
             model, batch["mlm_ids"], batch["text_mask"], image_tokens, batch["mlm_pos"], batch["mlm_labels"]
         )
@@ -286,7 +291,9 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
                                          in_batch_negatives=cfg.itm_in_batch_negatives)  # fmt: skip
             itm = itm + cfg.eda_weight * out["itm_eda"]
     out["itc"], out["itm"] = itc, itm
-    out["total"] = itc + _weighted(itm, cfg.itm_weight) + _weighted(out["mlm"], cfg.mlm_weight)
+    out["total"] = itc + _weighted(itm, cfg.itm_weight)
+    if "mlm" in out:
+        out["total"] = out["total"] + _weighted(out["mlm"], cfg.mlm_weight)
     return out
 
 

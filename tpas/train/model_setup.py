@@ -1,10 +1,17 @@
 """Building the model a training run starts from: config from the `model` section, initialisation from partial
-weights (APTM/X-VLM checkpoints, or separate Swin and BERT files), gradient checkpointing."""
+weights (APTM/X-VLM checkpoints, or separate Swin and BERT files), gradient checkpointing.
+
+`build_cmp` and `build_xvlm` are the two kinds' builders (`tpas.train.kinds`): model with its tokenizer, plus what
+the initialisation did. X-VLM starts from a retrieval checkpoint (loaded strictly by the `xvlm` family's own loader,
+the model config must agree with it), from X-VLM's pre-training (`load_xvlm_pretrained` with the relative-position
+tables resampled to the model's window, as X-VLM's fine-tuning does; reported key by key), or from scratch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,81 @@ def build_model_config(model_section: dict[str, Any], vocab_size: int) -> Any:
     except (TypeError, ValueError) as e:
         raise TpasInputError(f"invalid model config: {e}") from None
     raise TpasInputError(f"model.preset must be 'base' or 'tiny', not {preset!r}")
+
+
+def build_xvlm_config(model_section: dict[str, Any], vocab_size: int) -> Any:
+    """XVLMConfig from the `model` section (`preset: base|tiny` + XVLMConfig field overrides); vocab size from the
+    vocab file unless the section sets it."""
+    from ..models.xvlm import XVLMConfig
+
+    section = dict(model_section)
+    preset = section.pop("preset", "base")
+    section.setdefault("vocab_size", vocab_size)
+    if preset not in ("base", "tiny"):
+        raise TpasInputError(f"model.preset must be 'base' or 'tiny', not {preset!r}")
+    try:
+        base = XVLMConfig.tiny("xvlm") if preset == "tiny" else XVLMConfig.for_family("xvlm")
+        return XVLMConfig.from_dict(section, base)
+    except (TypeError, ValueError) as e:
+        raise TpasInputError(f"invalid model config: {e}") from None
+
+
+@dataclass
+class BuiltModel:
+    """A kind builder's result: the model (tokenizer attached), its tokenizer, one line per initialisation source,
+    and the key-by-key report of a pre-training load (empty otherwise; the trainer writes it to init_report.txt)."""
+
+    model: Any
+    tokenizer: Any
+    notes: list[str]
+    report: list[str] = field(default_factory=list)
+    clean_caption: Callable[[str], str] | None = None  # the model's caption rule (None: the tokenizer's, CMP's)
+
+
+def build_cmp(cfg: dict[str, Any], vocab: Path) -> BuiltModel:
+    """CMP as the `model` and `init` sections say (pose must agree with `data.pose`)."""
+    from ..models.cmp import CMP, CMPTokenizer
+
+    probe = build_model_config(cfg["model"], vocab_size=0)
+    tokenizer = CMPTokenizer(vocab, probe.max_tokens, probe.max_words)
+    model_cfg = build_model_config(cfg["model"], vocab_size=tokenizer.vocab_size)
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise TpasInputError(
+            f"model.vocab_size {model_cfg.vocab_size} differs from the vocab file's {tokenizer.vocab_size} tokens",
+            vocab,
+        )
+    if bool(cfg["data"]["pose"]) != bool(model_cfg.pose):
+        raise TpasInputError(f"data.pose={cfg['data']['pose']} but model pose={model_cfg.pose}; they must agree")
+    model = CMP(model_cfg)
+    model.tokenizer = tokenizer  # the evaluation tokenizes through the model, as `tpas infer` does
+    return BuiltModel(model, tokenizer, [s.describe() for s in initialise(model, cfg["init"])])
+
+
+def build_xvlm(cfg: dict[str, Any], vocab: Path) -> BuiltModel:
+    """X-VLM as the `model` and `init` sections say: `init.checkpoint` (strict), `init.pretrained`, or neither."""
+    from ..models.cmp import CMPTokenizer
+    from ..models.xvlm import XVLM, clean_xvlm_caption, load_xvlm_pretrained
+
+    init = cfg["init"]
+    if init.get("checkpoint") and init.get("pretrained"):
+        raise TpasInputError("set init.checkpoint (a retrieval checkpoint) or init.pretrained, not both")
+    vocab_size = CMPTokenizer(vocab).vocab_size
+    model_cfg = build_xvlm_config(cfg["model"], vocab_size)
+    report: list[str] = []
+    if init.get("checkpoint"):
+        path = Path(init["checkpoint"])
+        model = XVLM.from_checkpoint(path, model_cfg, vocab=vocab)
+        notes = [f"{path}: loaded strictly ({len(model.state_dict())} tensors)"]
+    else:
+        model = XVLM(model_cfg)
+        model.set_tokenizer(vocab)
+        notes = []
+        if init.get("pretrained"):
+            path = Path(init["pretrained"])
+            loaded = load_xvlm_pretrained(model, path, interpolate_tables=True)  # as X-VLM's fine-tuning loader
+            notes, report = [f"{path}: {loaded.summary()}"], loaded.lines()
+    rule = partial(clean_xvlm_caption, rule=model_cfg.caption_cleaning, max_words=model_cfg.max_words)
+    return BuiltModel(model, model.tokenizer, notes, report, clean_caption=rule)
 
 
 def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:

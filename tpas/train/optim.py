@@ -79,6 +79,15 @@ def check_schedule(schedule: str) -> None:
         raise TpasInputError(f"optim.schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
+def warmup_steps(value: float, total: int) -> int:
+    """Warm-up length in steps: `value` itself, or when 0 < value < 1 that fraction of the run's `total` steps
+    (X-VLM's scheduler.py rule, truncated to an int as there)."""
+    value = float(value)
+    if value < 0:
+        raise TpasInputError(f"optim.warmup_steps must be >= 0, not {value:g}")
+    return int(total * value) if value < 1 else int(value)
+
+
 def lr_factor(step: int, total: int, warmup: int, lr: float, lr_end: float, schedule: str = "step") -> float:
     """The learning rate of optimiser step `step` (0-based) as a factor of `lr`.
 

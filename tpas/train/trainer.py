@@ -1,11 +1,12 @@
-"""The CMP training loop: set-up from the config, AMP, gradient checkpointing, DDP, per-epoch evaluation, atomic
-checkpoints and bit-exact resume.
+"""The training loop of CMP and X-VLM: set-up from the config, AMP, gradient checkpointing, DDP, per-epoch
+evaluation, atomic checkpoints and bit-exact resume.
 
-`train(cfg)` runs one process; under `torchrun` every process runs it and rank 0 alone logs and writes files.
-Device, precision and the process group come from `tpas.runtime` (the rule `tpas infer` follows too); the model
-set-up is in `model_setup`, the optimiser's groups and schedule in `optim`, the evaluation in `evaluation`, the
-checkpoint format in `checkpoints`. `tpas infer cmp --checkpoint OUT/checkpoint_best.pth` loads the weights
-(`vocab.txt` is copied beside them).
+`train(cfg, kind=...)` runs one process; under `torchrun` every process runs it and rank 0 alone logs and writes
+files. Device, precision and the process group come from `tpas.runtime` (the rule `tpas infer` follows too); what
+differs between the kinds is in `kinds` (builder, loss switches, dataset views, checkpoint format), the model set-up
+in `model_setup`, the optimiser's groups and schedule in `optim`, the evaluation in `evaluation`, the checkpoint
+format in `checkpoints`. `tpas infer KIND --checkpoint OUT/checkpoint_best.pth` loads the weights (`vocab.txt` is
+copied beside them).
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ from ..resources import out_of_memory_hint
 from ..runtime import Distributed, Precision, distributed, precision_policy, resolve_device
 from .checkpoints import (
     BEST,
-    CHECKPOINT_FORMAT,
     LAST,
     load_training_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .data import AugmentConfig, CMPTrainDataset, TrainTransform
+from .config import KIND_DEFAULTS
+from .data import AugmentConfig, CMPTrainDataset, TrainTransform, select_pairs
 from .evaluation import evaluate_model
-from .losses import CMPLossModule, LossConfig
-from .masking import MaskingConfig
-from .model_setup import build_model_config, enable_gradient_checkpointing, initialise
-from .optim import check_schedule, lr_factor, param_groups, set_lr
+from .kinds import TrainKind, get_kind
+from .losses import CMPLossModule
+from .model_setup import BuiltModel, enable_gradient_checkpointing
+from .optim import check_schedule, lr_factor, param_groups, set_lr, warmup_steps
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -96,6 +97,7 @@ class _Run:
     """What a training run built before its first step; fixed for the whole run."""
 
     cfg: dict[str, Any]
+    kind: TrainKind
     dev: torch.device
     amp: Precision
     dist: Distributed
@@ -111,6 +113,7 @@ class _Run:
     records: int
     steps_per_epoch: int
     total_steps: int
+    warmup_steps: int
     init_notes: list[str]
     log: RunLog | None = None
 
@@ -141,57 +144,66 @@ def _train_files(root: Path, entries: Any) -> list[Path]:
     return files
 
 
-def _vocab(cfg: dict[str, Any], out_dir: Path, dist: Distributed) -> Path:
-    """The checked vocab file, copied into the output folder (where `tpas infer cmp` looks beside the checkpoint)."""
+def _vocab(cfg: dict[str, Any]) -> Path:
+    """The vocab file of `data.vocab`, checked."""
     vocab = Path(cfg["data"]["vocab"])
     if not vocab.is_file():
         raise TpasInputError("vocab file not found (data.vocab: the bert-base-uncased vocab.txt)", vocab)
+    return vocab
+
+
+def _copy_vocab(vocab: Path, out_dir: Path, dist: Distributed) -> None:
+    """Copy the vocab into the output folder (where `tpas infer` looks beside the checkpoint), on rank 0."""
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "vocab.txt").is_file() or (out_dir / "vocab.txt").read_bytes() != vocab.read_bytes():
             shutil.copyfile(vocab, out_dir / "vocab.txt")
-    return vocab
 
 
-def _build_model(cfg: dict[str, Any], vocab: Path, emit: Progress) -> tuple[Any, Any, list[str]]:
-    """(model with its tokenizer, tokenizer, init notes) as the `model` and `init` sections say."""
-    from ..models.cmp import CMP, CMPTokenizer
-
-    probe = build_model_config(cfg["model"], vocab_size=0)
-    tokenizer = CMPTokenizer(vocab, probe.max_tokens, probe.max_words)
-    model_cfg = build_model_config(cfg["model"], vocab_size=tokenizer.vocab_size)
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise TpasInputError(
-            f"model.vocab_size {model_cfg.vocab_size} differs from the vocab file's {tokenizer.vocab_size} tokens",
-            vocab,
-        )
-    if bool(cfg["data"]["pose"]) != bool(model_cfg.pose):
-        raise TpasInputError(f"data.pose={cfg['data']['pose']} but model pose={model_cfg.pose}; they must agree")
-    model = CMP(model_cfg)
-    model.tokenizer = tokenizer  # the evaluation tokenizes through the model, as `tpas infer` does
-    init_notes = [s.describe() for s in initialise(model, cfg["init"])]
-    for note in init_notes:
+def _build_model(run_kind: TrainKind, cfg: dict[str, Any], vocab: Path, out_dir: Path, dist: Distributed,
+                 emit: Progress) -> BuiltModel:  # fmt: skip
+    """The kind's model as the `model` and `init` sections say; init notes emitted, a pre-training load's key-by-key
+    report written to OUT/init_report.txt (rank 0)."""
+    built = run_kind.build(cfg, vocab)
+    for note in built.notes:
         emit({"kind": "info", "message": "init " + note})
+    if built.report and dist.rank == 0:
+        from ..io import atomic_write
+
+        atomic_write(out_dir / "init_report.txt", lambda tmp: tmp.write_text("\n".join(built.report) + "\n"))
+        emit({"kind": "info", "message": f"init report (key by key): {out_dir / 'init_report.txt'}"})
     if cfg["train"]["grad_checkpointing"]:
-        enable_gradient_checkpointing(model)
-    return model, tokenizer, init_notes
+        enable_gradient_checkpointing(built.model)
+    return built
 
 
-def _set_up(cfg: dict[str, Any], dev: torch.device, amp: Precision, dist: Distributed, emit: Progress) -> _Run:
-    """Model, loss, optimiser, data and step counts of a run (`torch.manual_seed` first: model init draws)."""
+def _records(cfg: dict[str, Any], root: Path) -> list[Any]:
+    """The training pairs: the annotation files, then `data.subset` (a list file of images), then `max_records`."""
     from ..data.pab import read_train_annotation
 
+    data = cfg["data"]
+    records = read_train_annotation(_train_files(root, data["train"]))
+    if data.get("subset"):
+        records = select_pairs(records, Path(data["subset"]))
+    if data.get("max_records"):
+        records = records[: int(data["max_records"])]
+    return records
+
+
+def _set_up(run_kind: TrainKind, cfg: dict[str, Any], dev: torch.device, amp: Precision, dist: Distributed,
+            emit: Progress) -> _Run:  # fmt: skip
+    """Model, loss, optimiser, data and step counts of a run (`torch.manual_seed` first: model init draws)."""
     data, tr, optim_cfg = cfg["data"], cfg["train"], cfg["optim"]
     seed = int(tr["seed"])
     torch.manual_seed(seed + dist.rank)
     out_dir, root = Path(cfg["output"]["dir"]), Path(data["root"])
-    vocab = _vocab(cfg, out_dir, dist)
-    records = read_train_annotation(_train_files(root, data["train"]))
-    if data.get("max_records"):
-        records = records[: int(data["max_records"])]
-    model, tokenizer, init_notes = _build_model(cfg, vocab, emit)
+    vocab = _vocab(cfg)
+    records = _records(cfg, root)
+    _copy_vocab(vocab, out_dir, dist)  # the first write: bad input above leaves no output folder behind
+    built = _build_model(run_kind, cfg, vocab, out_dir, dist, emit)
+    model = built.model
     model.to(dev)
-    loss_module: nn.Module = CMPLossModule(model, LossConfig(**cfg["loss"]))
+    loss_module: nn.Module = CMPLossModule(model, run_kind.loss_config(cfg["loss"]))
     if dist.active:
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[dev.index] if dev.type == "cuda" else None
@@ -203,10 +215,8 @@ def _set_up(cfg: dict[str, Any], dev: torch.device, amp: Precision, dist: Distri
     )  # fmt: skip
     mc = model.config
     transform = TrainTransform(mc.image_size, mc.image_mean, mc.image_std, AugmentConfig(**cfg["augment"]))
-    dataset = CMPTrainDataset(
-        records, root, tokenizer, transform, pose=bool(data["pose"]), masking=MaskingConfig(**cfg["masking"]),
-        seed=seed, ihnm=bool(cfg["loss"]["ihnm"]),
-    )  # fmt: skip
+    dataset = CMPTrainDataset(records, root, built.tokenizer, transform, seed=seed, clean_caption=built.clean_caption,
+                              **run_kind.dataset_options(cfg))  # fmt: skip
     batch_size = int(tr["batch_size"])
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
@@ -220,14 +230,15 @@ def _set_up(cfg: dict[str, Any], dev: torch.device, amp: Precision, dist: Distri
     total_steps = int(tr["epochs"]) * steps_per_epoch
     if tr.get("max_steps"):
         total_steps = min(total_steps, int(tr["max_steps"]))
-    return _Run(cfg, dev, amp, dist, emit, out_dir, root, model, loss_module, optimizer, amp.grad_scaler(), dataset,
-                sampler, len(records), steps_per_epoch, total_steps, init_notes)  # fmt: skip
+    warmup = warmup_steps(optim_cfg["warmup_steps"], total_steps)
+    return _Run(cfg, run_kind, dev, amp, dist, emit, out_dir, root, model, loss_module, optimizer, amp.grad_scaler(),
+                dataset, sampler, len(records), steps_per_epoch, total_steps, warmup, built.notes)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 def _resume(run: _Run) -> _State:
     """Model, optimiser, scaler, counters and RNG states from OUT/checkpoint_last.pth."""
-    ck = load_training_checkpoint(run.out_dir / LAST)
+    ck = load_training_checkpoint(run.out_dir / LAST, run.kind.checkpoint_format)
     run.model.load_state_dict(ck["model"], strict=True)
     run.optimizer.load_state_dict(ck["optimizer"])
     run.scaler.load_state_dict(ck["scaler"])
@@ -242,13 +253,13 @@ def _resume(run: _Run) -> _State:
 def _checkpoint(run: _Run, state: _State, metrics: dict[str, Any] | None = None, is_best: bool = False) -> None:
     """Write checkpoint_last.pth (and checkpoint_best.pth) on rank 0; every rank joins the RNG gather."""
     payload = {
-        "format": CHECKPOINT_FORMAT,
+        "format": run.kind.checkpoint_format,
         "model": run.model.state_dict(),
         "config": run.model.config.to_dict(),
         "train_config": json.loads(json.dumps(run.cfg)),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": {"step": state.step, "total_steps": run.total_steps,
-                      "warmup_steps": int(run.cfg["optim"]["warmup_steps"])},
+                      "warmup_steps": run.warmup_steps},
         "scaler": run.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
@@ -266,18 +277,25 @@ def _checkpoint(run: _Run, state: _State, metrics: dict[str, Any] | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
-def train(cfg: dict[str, Any], *, resume: bool = False, progress: Progress | None = None) -> TrainResult:
-    """Train CMP as `cfg` (see `tpas.train.config.DEFAULTS`) says; resume from OUT/checkpoint_last.pth if asked.
+def train(
+    cfg: dict[str, Any], *, kind: str = "cmp", resume: bool = False, progress: Progress | None = None
+) -> TrainResult:
+    """Train a model of `kind` (cmp | xvlm) as `cfg` (`load_train_config(..., kind=kind)`, defaults in
+    `tpas.train.config.KIND_DEFAULTS`) says; resume from OUT/checkpoint_last.pth if asked.
 
     `progress` receives events: {"kind": "start", total_steps, ...}, {"kind": "step", step, epoch, loss, lr, ...},
     {"kind": "eval", epoch, metrics}, {"kind": "info", message}. Library code never prints.
     """
     emit: Progress = progress or (lambda event: None)
+    run_kind = get_kind(kind)
+    if set(cfg) != set(KIND_DEFAULTS[kind]):
+        raise TpasInputError(f"the config's sections ({', '.join(sorted(cfg))}) are not those of a {kind} training "
+                             f"config; load it with load_train_config(..., kind={kind!r})")  # fmt: skip
     dev = resolve_device(str(cfg["train"]["device"]), option="train.device")
     amp = precision_policy(dev, str(cfg["train"]["precision"]), option="train.precision")
     batch = int(cfg["train"]["batch_size"])
     with distributed(dev) as dist, out_of_memory_hint(batch, dev, option="--set train.batch_size"):
-        run = _set_up(cfg, dev, amp, dist, emit)
+        run = _set_up(run_kind, cfg, dev, amp, dist, emit)
         state = _resume(run) if resume else _State()
         if dist.rank == 0:
             run.log = RunLog(run.out_dir, bool(cfg["output"].get("tensorboard")))
@@ -358,7 +376,7 @@ def _step(run: _Run, state: _State, batch: dict[str, torch.Tensor]) -> tuple[dic
     optim_cfg = run.cfg["optim"]
     base_lr = float(optim_cfg["lr"])
     batch = {k: v.to(run.dev, non_blocking=True) for k, v in batch.items()}
-    factor = lr_factor(state.step, run.total_steps, int(optim_cfg["warmup_steps"]), base_lr, float(optim_cfg["lr_end"]),
+    factor = lr_factor(state.step, run.total_steps, run.warmup_steps, base_lr, float(optim_cfg["lr_end"]),
                        str(optim_cfg["schedule"]))  # fmt: skip
     lr = set_lr(run.optimizer, base_lr, factor)
     with run.amp.autocast():
@@ -374,7 +392,7 @@ def _step(run: _Run, state: _State, batch: dict[str, torch.Tensor]) -> tuple[dic
     state.step += 1
     state.batch_in_epoch += 1
     values = {k: float(v.detach()) for k, v in losses.items()}
-    if not all(math.isfinite(values[k]) for k in ("total", "itc", "itm", "mlm")):
+    if not all(math.isfinite(values[k]) for k in ("total", "itc", "itm", "mlm") if k in values):
         last = run.out_dir / LAST
         raise training_diverged(state.step, values, last if last.is_file() else None)
     return values, lr

@@ -23,7 +23,7 @@ Retrieval interface (`tpas.models.base.RetrievalModel`, run by the shared engine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from torch import nn
 
 from ...errors import TpasInputError
 from ..base import TRUST_CHECKPOINT, VOCAB, Features, RetrievalModel
+from ..tta import TTA_MATCH_OPTION, check_tta, encode_views, with_tta
 from .bert import BertForMaskedLM, trim_trailing_padding
 from .config import CMPConfig, infer_config, observed_image_size
 from .swin import Size, SwinEncoder, adaptive_pool_tokens, as_hw
@@ -149,7 +150,7 @@ class CMP(RetrievalModel):
     `init=False` skips the random initialisation (for callers that load every tensor right after)."""
 
     has_match_head = True
-    options = (VOCAB, TRUST_CHECKPOINT)
+    options = (VOCAB, TRUST_CHECKPOINT, TTA_MATCH_OPTION)
 
     def __init__(self, config: CMPConfig | None = None, *, init: bool = True) -> None:
         super().__init__()
@@ -179,6 +180,7 @@ class CMP(RetrievalModel):
         self.tokenizer: CMPTokenizer | None = None
         self.checkpoint_sha256: str | None = None
         self._preprocess = CMPPreprocess(cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
+        self.tta = "none"  # test-time flip of gallery images (`--tta`, tpas.models.tta)
         if init:
             # Skipped when a strict load overwrites every tensor anyway (17 s of truncated-normal draws at full size).
             self.init_weights()
@@ -310,6 +312,7 @@ class CMP(RetrievalModel):
         model.load_cmp_state_dict(state, path)
         model.set_tokenizer(find_vocab(options.get("vocab"), path))
         model.checkpoint_sha256 = sha256_file(path)
+        model.tta = check_tta(options.get("tta"))
         return model
 
     def load_cmp_state_dict(self, state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
@@ -333,6 +336,7 @@ class CMP(RetrievalModel):
                 "max_tokens": self.config.max_tokens,
                 "padding": "max_length",
             },
+            "tta": self.tta,
             "itc": "cosine of normalised projections",
             "match": "itm_head logit[:, 1]",
             "final": "minmax(itm filled with row min) + 0.002 * minmax(itc), global",
@@ -344,9 +348,10 @@ class CMP(RetrievalModel):
         return self.config.pose
 
     @property
-    def image_preprocessor(self) -> CMPPreprocess:
-        """The picklable transform `preprocess` delegates to (hand this to DataLoader workers, not the model)."""
-        return self._preprocess
+    def image_preprocessor(self) -> Callable[[Image.Image, Image.Image | None], Features]:
+        """The picklable transform `preprocess` delegates to (hand this to DataLoader workers, not the model), with
+        the mirror view for TTA."""
+        return with_tta(self._preprocess, self.tta)
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
         """{'image': [3, S, S]} plus {'pose': [3, S, S]} when a pose map is given (same transform)."""
@@ -354,7 +359,7 @@ class CMP(RetrievalModel):
             raise TpasInputError(
                 "CMP is pose-aware: every image needs its pose map (pass --pose DIR; `tpas pose` renders them)"
             )
-        return self._preprocess(image, pose)
+        return self.image_preprocessor(image, pose)
 
     def tokenize(self, texts: Sequence[str]) -> Features:
         """Clean + tokenize captions -> input_ids, attention_mask [N, max_tokens]."""
@@ -366,9 +371,14 @@ class CMP(RetrievalModel):
             raise TpasInputError(str(e)) from None
 
     def encode_images(self, batch: Features) -> Features:
-        """{'embed': [B, E] ITC feature, 'tokens': [B, 1+P, Dv] image tokens for the ITM cross encoder}."""
-        tokens = self.encode_image_tokens(batch["image"], batch.get("pose"))
-        return {"embed": self.image_feat(tokens), "tokens": tokens}
+        """{'embed': [B, E] ITC feature, 'tokens': [B, 1+P, Dv] image tokens for the ITM cross encoder}; with TTA,
+        `embed` averages the two views and `tokens` are the plain view's."""
+
+        def encode(b: Features) -> Features:
+            tokens = self.encode_image_tokens(b["image"], b.get("pose"))
+            return {"embed": self.image_feat(tokens), "tokens": tokens}
+
+        return encode_views(encode, batch, self.tta)
 
     def encode_texts(self, tokens: Features) -> Features:
         """{'embed': [N, E] ITC feature, 'states': [N, L, Dt] text-layer output, 'attention_mask': [N, L]}."""

@@ -17,7 +17,7 @@ matrix (CMP's combination). The training-facing methods have CMP's names, so CMP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from ..cmp.bert import BertForMaskedLM, BertModel, trim_trailing_padding
 from ..cmp.model import CMPPreprocess, cmp_final_scores, init_swin_bert_weights, load_state_dict_strict
 from ..cmp.swin import SwinEncoder
 from ..cmp.text import CMPTokenizer, find_vocab
+from ..tta import TTA_MATCH_OPTION, check_tta, encode_views, with_tta
 from .config import APTM_NORMS, ARCHITECTURE_FIELDS, XVLMConfig, infer_xvlm_config, observed_image_hw
 from .text import clean_xvlm_caption
 
@@ -61,7 +62,7 @@ class XVLMFamily(RetrievalModel):
     """
 
     has_match_head = True
-    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT)
+    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT, TTA_MATCH_OPTION)
     # How `finalize_rerank` combines the scores (goes into describe()).
     final_rule: ClassVar[str] = ""
 
@@ -87,6 +88,7 @@ class XVLMFamily(RetrievalModel):
         self.tokenizer: CMPTokenizer | None = None
         self.checkpoint_sha256: str | None = None
         self._preprocess = CMPPreprocess(cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
+        self.tta = "none"  # test-time flip of gallery images (`--tta`, tpas.models.tta)
         if init:
             self.init_weights()
 
@@ -192,6 +194,7 @@ class XVLMFamily(RetrievalModel):
         load_state_dict_strict(model, state, path, f"{cls.family} ({'APTM' if cfg.mlm_head else 'X-VLM'} keys)")
         model.set_tokenizer(find_vocab(options.get("vocab"), path))
         model.checkpoint_sha256 = sha256_file(path)
+        model.tta = check_tta(options.get("tta"))
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -212,19 +215,22 @@ class XVLMFamily(RetrievalModel):
                 "max_tokens": self.config.max_tokens,
                 "padding": "max_length",
             },
+            "tta": self.tta,
             "itc": "cosine of normalised Linear projections of token 0",
             "match": "itm_head logit[:, 1]",
             "final": self.final_rule,
         }
 
     @property
-    def image_preprocessor(self) -> CMPPreprocess:
-        """The picklable transform `preprocess` delegates to (hand this to DataLoader workers, not the model)."""
-        return self._preprocess
+    def image_preprocessor(self) -> Callable[[Image.Image, Image.Image | None], Features]:
+        """The picklable transform `preprocess` delegates to (hand this to DataLoader workers, not the model), with
+        the mirror view for TTA."""
+        return with_tta(self._preprocess, self.tta)
 
     def preprocess(self, image: Image.Image, pose: Image.Image | None = None) -> Features:
-        """{'image': [3, H, W]}: bicubic resize to the model's input size, [0, 1], mean/std normalisation."""
-        return self._preprocess(image)
+        """{'image': [3, H, W]}: bicubic resize to the model's input size, [0, 1], mean/std normalisation; with TTA,
+        the image and its mirror."""
+        return self.image_preprocessor(image, None)
 
     def tokenize(self, texts: Sequence[str]) -> Features:
         """Clean (config.caption_cleaning) + tokenize captions -> input_ids, attention_mask [N, max_tokens]."""
@@ -237,9 +243,14 @@ class XVLMFamily(RetrievalModel):
         return self.tokenizer(cleaned, clean=False)
 
     def encode_images(self, batch: Features) -> Features:
-        """{'embed': [B, E] ITC feature, 'tokens': [B, 1+P, Dv] image tokens for the ITM cross encoder}."""
-        tokens = self.encode_image_tokens(batch["image"])
-        return {"embed": self.image_feat(tokens), "tokens": tokens}
+        """{'embed': [B, E] ITC feature, 'tokens': [B, 1+P, Dv] image tokens for the ITM cross encoder}; with TTA,
+        `embed` averages the two views and `tokens` are the plain view's."""
+
+        def encode(b: Features) -> Features:
+            tokens = self.encode_image_tokens(b["image"])
+            return {"embed": self.image_feat(tokens), "tokens": tokens}
+
+        return encode_views(encode, batch, self.tta)
 
     def encode_texts(self, tokens: Features) -> Features:
         """{'embed': [N, E] ITC feature, 'states': [N, L, Dt] text-layer output, 'attention_mask': [N, L]}."""
@@ -266,7 +277,7 @@ class XVLM(XVLMFamily):
 class APTM(XVLMFamily):
     """APTM (Shuyu-XJTU/APTM): X-VLM's design at 384 x 128 with window 8; CMP's final combination."""
 
-    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT, TRAINED_ON)
+    options: ClassVar[tuple[FamilyOption, ...]] = (VOCAB, TRUST_CHECKPOINT, TRAINED_ON, TTA_MATCH_OPTION)
     final_rule = "minmax(itm filled with row min) + 0.002 * minmax(itc), global"
 
     @classmethod
