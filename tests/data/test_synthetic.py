@@ -131,6 +131,19 @@ def test_cli_synth_writes_the_layout_and_reports_errors_in_one_line(tmp_path: Pa
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
+    # --framing and the caption counts reach the generator: the same files as the library call writes.
+    extra = ["--framing", "person", "--train-captions", "1", "--test-captions", "1"]
+    result = runner.invoke(app, [*args[:2], str(tmp_path / "p"), *args[3:], *extra])
+    assert result.exit_code == 0, result.output
+    ref = generate_mini_pab(tmp_path / "ref", seed=0, n_identities=3, n_val_identities=1, n_test_identities=2,
+                            n_distractors=1, image_size=(32, 48), framing="person", train_captions_per_image=1,
+                            test_captions_per_image=1)  # fmt: skip
+    for rel in ("annotation/test/attr.json", "annotation/train/attr_0.json", "test/0.jpg"):
+        assert (tmp_path / "p" / rel).read_bytes() == (ref.root / rel).read_bytes()
+    assert all(len(r["caption"]) == 1 for r in json.loads((ref.root / "annotation/test/attr.json").read_text()))
+    with pytest.raises(SystemExit) as e:
+        main([*args[:2], str(tmp_path / "w"), *args[3:], "--framing", "wide"])
+    assert e.value.code == 2 and not (tmp_path / "w" / "vocab.txt").exists()
 
 
 def test_person_framing_fills_the_frame_and_stays_inside_it() -> None:

@@ -67,6 +67,11 @@ class _StepDisplay:
         self.live.update(self.tasks[step.title], completed=done)
 
 
+def _p_text(p: float) -> str:
+    """'=0.031' or '<0.001' (a randomization test's p-value is bounded below by its resample count)."""
+    return "<0.001" if p < 0.001 else f"={p:.3f}"
+
+
 def _print_result(res: Any, seconds: float) -> None:
     from rich.table import Table
 
@@ -83,9 +88,20 @@ def _print_result(res: Any, seconds: float) -> None:
     gain = res.ensemble_gain
     console.print(
         f"ensemble vs best single model ({res.best_single}): "
-        + ", ".join(f"{m} {v:+.2f} (p={res.p_values[m]:.2f})" for m, v in gain.items()),
+        + ", ".join(f"{m} {v:+.2f} (p{_p_text(res.p_values[m])})" for m, v in gain.items()),
         highlight=False,
     )
+    if res.masked is not None:
+        masked = Table(
+            title="name-masked set, one caption per image: post steps that resolve top-1 collisions (%; "
+            "collisions: gallery images that are the top-1 of 2+ queries)"
+        )
+        masked.add_column("matrix")
+        for m in res.masked.columns:
+            masked.add_column(m, justify="right")
+        for name, row in res.masked.iterrows():
+            masked.add_row(str(name), *(f"{v:.2f}" for v in row.iloc[:-1]), f"{row.iloc[-1]:.0f}")
+        console.print(masked)
     console.print(
         f"leaderboard file: {res.answer}\nreport: {res.report}\ntuned ensemble: {res.tuned_config}\n"
         f"matrices: {len(res.sims)} files in {res.sims[0].parent if res.sims else '-'}\ntotal {seconds:.0f} s",

@@ -23,6 +23,11 @@ def synth_cmd(
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 64,
     height: Annotated[int, typer.Option(help="Image height in pixels.")] = 128,
     train_files: Annotated[int, typer.Option(help="Number of annotation/train/attr_K.json files.")] = 2,
+    train_captions: Annotated[int, typer.Option(help="Training records (captions) per training image.")] = 2,
+    test_captions: Annotated[int, typer.Option(help="Captions per image in the val/test attr.json.")] = 2,
+    framing: Annotated[
+        str, typer.Option(help="scene (person ~half the image over their scene) | person (figure fills the frame).")
+    ] = "scene",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Generate a synthetic mini-PAB (images, pose maps, annotations, name-masked set, vocab) in the PAB layouts."""
@@ -38,6 +43,9 @@ def synth_cmd(
             n_distractors=distractors,
             image_size=(width, height),
             n_train_files=train_files,
+            train_captions_per_image=train_captions,
+            test_captions_per_image=test_captions,
+            framing=framing,
             overwrite=overwrite,
             progress=update,
         )

@@ -36,19 +36,24 @@ COLORS = (
 LIMB_INTENSITY = 0.6
 
 
+# cos / sin of every whole degree 0..360, from `math` (as the per-point loop this replaces computed them).
+_UNIT_COS = np.array([math.cos(math.radians(d)) for d in range(361)])
+_UNIT_SIN = np.array([math.sin(math.radians(d)) for d in range(361)])
+
+
 def _ellipse_polygon(cx: float, cy: float, half_len: float, half_width: float, angle_deg: float) -> list[tuple]:
-    """Integer polygon of a rotated ellipse sampled every degree (as OpenCV's ellipse2Poly with delta 1)."""
+    """Integer polygon of a rotated ellipse sampled every degree (as OpenCV's ellipse2Poly with delta 1), with
+    consecutive repeated points dropped. Vectorised; the same float operations and half-to-even rounding as
+    Python's `round`, so the points are exactly those of a per-degree loop."""
     a = math.radians(angle_deg)
     ca, sa = math.cos(a), math.sin(a)
-    pts: list[tuple[int, int]] = []
-    for deg in range(0, 361):
-        t = math.radians(deg)
-        x = half_len * math.cos(t)
-        y = half_width * math.sin(t)
-        p = (round(cx + x * ca - y * sa), round(cy + x * sa + y * ca))
-        if not pts or pts[-1] != p:
-            pts.append(p)
-    return pts
+    x = half_len * _UNIT_COS
+    y = half_width * _UNIT_SIN
+    px = np.round(cx + x * ca - y * sa).astype(np.int64)
+    py = np.round(cy + x * sa + y * ca).astype(np.int64)
+    keep = np.ones(len(px), dtype=bool)
+    keep[1:] = (px[1:] != px[:-1]) | (py[1:] != py[:-1])
+    return list(zip(px[keep].tolist(), py[keep].tolist(), strict=True))
 
 
 def _as_people(keypoints: np.ndarray) -> np.ndarray:

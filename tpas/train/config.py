@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
         "itm_pooling": "paper",  # paper (in-batch mean + hard-negative mean) | pooled (one mean over all rows)
         "itc_gradient": "paper",  # paper (the original's all-gather: 1/world_size under DDP) | global
         "temp_clamp": None,  # null: never clamped (the original) | [0.001, 0.5]
+        "itm_weight": 1.0,  # 0: no ITM term, its passes skipped (tpas's ITC-only alternative)
+        "mlm_weight": 1.0,  # 0: no MLM term, its passes skipped
+        "itc_hard_pairs": False,  # true: each record's hard pair (hard_i, hard_c) joins the ITC batch (needs ihnm)
     },
     "optim": {
         "lr": 1.0e-4,

@@ -262,9 +262,15 @@ class CMPTrainDataset(torch.utils.data.Dataset):
         return self.transform(image, pose, rng)
 
     def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask [N, L] of `captions`, each distinct one tokenized once (the Python WordPiece
+        tokenizer is a large share of a tiny model's step, and without EDA or IHNM a record's three are one)."""
+        distinct = list(dict.fromkeys(captions))
         if self.clean_caption is None:
-            return self.tokenizer(captions)
-        return self.tokenizer([self.clean_caption(c) for c in captions], clean=False)
+            tok = self.tokenizer(distinct)
+        else:
+            tok = self.tokenizer([self.clean_caption(c) for c in distinct], clean=False)
+        rows = torch.tensor([distinct.index(c) for c in captions])
+        return {k: v[rows] for k, v in tok.items()}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         r = self.records[index]

@@ -49,6 +49,13 @@ class LossConfig:
     itc_gradient: str = "paper"  # paper | global
     temp_clamp: tuple[float, float] | None = None  # (min, max) applied to the temperature before every step
     mlm: bool = True  # the masked-language-modelling term (X-VLM's retrieval fine-tuning has none)
+    # Weights of the ITM and MLM terms in the total; 0 leaves the term out and skips its cross-encoder passes
+    # (an ITC-only run trains the dual encoder several times faster per sample).
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    # Also put each record's identity hard-negative pair (hard_i, hard_c: the same person in the other behaviour)
+    # into the ITC batch, so the contrastive loss itself must tell the two behaviours apart (needs `ihnm`).
+    itc_hard_pairs: bool = False
 
     def __post_init__(self) -> None:
         if self.itm_pooling not in ITM_POOLINGS:
@@ -204,10 +211,37 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x * scale + x.detach() * (1.0 - scale)
 
 
+def _weighted(term: torch.Tensor, weight: float) -> torch.Tensor:
+    """`weight * term`, and exactly `term` at weight 1 (the default recipe's total stays bit-identical)."""
+    return term if weight == 1.0 else weight * term
+
+
+def _itc_with_hard_pairs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    itc_scale: float,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """ITC over the batch plus each record's valid hard pair (hard image + its caption, ids `hard_idx`): the same
+    person in the other behaviour sits in the batch as a negative of the record's own pair."""
+    valid = batch["has_hard"].bool() & (batch["hard_idx"] >= 0)
+    pose = batch.get("hard_pose") if getattr(model.config, "pose", False) else None
+    hard_image = model.image_feat(model.encode_image_tokens(batch["hard_image"][valid],
+                                                            None if pose is None else pose[valid]))  # fmt: skip
+    hard_text = model.text_feat(model.encode_text_tokens(batch["hard_ids"][valid], batch["hard_mask"][valid]))
+    images = scale_gradient(torch.cat([image_feat, hard_image]), itc_scale)
+    texts = scale_gradient(torch.cat([text_feat, hard_text]), itc_scale)
+    ids = torch.cat([batch["idx"], batch["hard_idx"][valid]])
+    return itc_loss(images, texts, ids, model.temp, cfg.itc_label_smoothing)
+
+
 def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Every loss term for one batch. Keys: total, itc, itm, mlm (each including the EDA view's share; mlm only with
-    `cfg.mlm`), plus the parts (itc_main, itc_eda, itm_main, itm_eda) and ITM accuracies, the latter detached for
-    logging. Models without a pose branch (X-VLM: no `config.pose`) get no pose maps."""
+    `cfg.mlm` and a non-zero `mlm_weight`, itm 0 at `itm_weight` 0), plus the parts (itc_main, itc_eda, itm_main,
+    itm_eda) and ITM accuracies, the latter detached for logging. Models without a pose branch (X-VLM: no
+    `config.pose`) get no pose maps."""
     if cfg.temp_clamp is not None:
         with torch.no_grad():
             model.temp.clamp_(*cfg.temp_clamp)
@@ -221,31 +255,27 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
     out: dict[str, torch.Tensor] = {}
     itc_scale = 1.0 / dist_utils.world_size() if cfg.itc_gradient == "paper" else 1.0
     itc_image = scale_gradient(image_feat, itc_scale)
-    out["itc_main"] = itc_loss(
-        itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
-    )
+    if cfg.itc_hard_pairs and cfg.ihnm and bool((batch["has_hard"].bool() & (batch["hard_idx"] >= 0)).any()):
+        out["itc_main"] = _itc_with_hard_pairs(model, batch, image_feat, text_feat, itc_scale, cfg)
+    else:
+        out["itc_main"] = itc_loss(
+            itc_image, scale_gradient(text_feat, itc_scale), idx, model.temp, cfg.itc_label_smoothing
+        )
 
-    hard = None
-    if cfg.ihnm:
-        hard_tokens = model.encode_image_tokens(batch["hard_image"], batch.get("hard_pose") if pose_aware else None)
-        hard_states = model.encode_text_tokens(batch["hard_ids"], batch["hard_mask"])
-        valid = batch["has_hard"].bool() & (batch["hard_idx"] != idx)
-        hard = (hard_tokens, hard_states, batch["hard_mask"], valid)
-    itm_main, stats = itm_loss(
-        model,
-        image_tokens,
-        text_states,
-        batch["text_mask"],
-        image_feat,
-        text_feat,
-        idx,
-        in_batch_negatives=cfg.itm_in_batch_negatives,
-        hard=hard,
-        pooling=cfg.itm_pooling,
-    )
-    out["itm_main"] = itm_main
-    out.update(stats)
-    if cfg.mlm:
+    if cfg.itm_weight:
+        hard = None
+        if cfg.ihnm:
+            hard_tokens = model.encode_image_tokens(batch["hard_image"], batch.get("hard_pose") if pose_aware else None)
+            hard_states = model.encode_text_tokens(batch["hard_ids"], batch["hard_mask"])
+            valid = batch["has_hard"].bool() & (batch["hard_idx"] != idx)
+            hard = (hard_tokens, hard_states, batch["hard_mask"], valid)
+        out["itm_main"], stats = itm_loss(model, image_tokens, text_states, batch["text_mask"], image_feat, text_feat,
+                                          idx, in_batch_negatives=cfg.itm_in_batch_negatives, hard=hard,
+                                          pooling=cfg.itm_pooling)  # fmt: skip
+        out.update(stats)
+    else:
+        out["itm_main"] = image_feat.new_zeros(()).float()
+    if cfg.mlm and cfg.mlm_weight:
         out["mlm"] = mlm_loss(
             model, batch["mlm_ids"], batch["text_mask"], image_tokens, batch["mlm_pos"], batch["mlm_labels"]
         )
@@ -255,20 +285,15 @@ def compute_losses(model: Any, batch: dict[str, torch.Tensor], cfg: LossConfig) 
         eda_feat = model.text_feat(eda_states)
         eda_itc_feat = scale_gradient(eda_feat, itc_scale)
         out["itc_eda"] = itc_loss(itc_image, eda_itc_feat, idx, model.temp, cfg.itc_label_smoothing)
-        out["itm_eda"], _ = itm_loss(
-            model,
-            image_tokens,
-            eda_states,
-            batch["eda_mask"],
-            image_feat,
-            eda_feat,
-            idx,
-            in_batch_negatives=cfg.itm_in_batch_negatives,
-        )
         itc = itc + cfg.eda_weight * out["itc_eda"]
-        itm = itm + cfg.eda_weight * out["itm_eda"]
+        if cfg.itm_weight:
+            out["itm_eda"], _ = itm_loss(model, image_tokens, eda_states, batch["eda_mask"], image_feat, eda_feat, idx,
+                                         in_batch_negatives=cfg.itm_in_batch_negatives)  # fmt: skip
+            itm = itm + cfg.eda_weight * out["itm_eda"]
     out["itc"], out["itm"] = itc, itm
-    out["total"] = itc + itm + out["mlm"] if cfg.mlm else itc + itm
+    out["total"] = itc + _weighted(itm, cfg.itm_weight)
+    if "mlm" in out:
+        out["total"] = out["total"] + _weighted(out["mlm"], cfg.mlm_weight)
     return out
 
 
