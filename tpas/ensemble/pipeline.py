@@ -69,18 +69,20 @@ def _given_ids(
     from ..data.pab import read_gallery_ids, read_query_index
 
     ids_from: dict[str, str] = {}
-    qindex = None if query_ids is None else [str(q) for q in query_ids]
-    if qindex is not None:
-        ids_from["query_ids"] = "given (query index)"
-    elif "query_index" in cfg.ids:
-        qindex = read_query_index(cfg.ids["query_index"])
-        ids_from["query_ids"] = f"ids.query_index {cfg.ids['query_index']}"
-    gallery = None if gallery_ids is None else [str(g) for g in gallery_ids]
-    if gallery is not None:
-        ids_from["gallery_ids"] = "given (gallery)"
-    elif "gallery" in cfg.ids:
-        gallery = read_gallery_ids(cfg.ids["gallery"])
-        ids_from["gallery_ids"] = f"ids.gallery {cfg.ids['gallery']}"
+
+    def pick(
+        given: Sequence[str] | None, field: str, key: str, what: str, read: Callable[[Any], list[str]]
+    ) -> list[str] | None:
+        if given is not None:
+            ids_from[field] = f"given ({what})"
+            return [str(x) for x in given]
+        if key in cfg.ids:
+            ids_from[field] = f"ids.{key} {cfg.ids[key]}"
+            return read(cfg.ids[key])
+        return None
+
+    qindex = pick(query_ids, "query_ids", "query_index", "query index", read_query_index)
+    gallery = pick(gallery_ids, "gallery_ids", "gallery", "gallery", read_gallery_ids)
     return qindex, gallery, ids_from
 
 
