@@ -7,10 +7,13 @@ run, `use_cache=False`, is what is compared; a warm re-run from the cache is pri
 
 `--path siglip` runs the same comparison for an open_clip SigLIP folder (timm MAP-pooled ViT, HF tokenizer, text
 padded to 64), `--path vlm-embed` for a tiny Qwen2-VL embedding model (GME prompts, last-token pooling; the loop runs
-the processor and the backbone one prompt at a time, as GME's own script does with batch size 1).
+the processor and the backbone one prompt at a time, as GME's own script does with batch size 1). `--path clip-b16`
+and `--path siglip-b16` are real-size models with random weights (open_clip's own ViT-B-16 and ViT-B-16-SigLIP
+configs, 224 px). `--precision bf16` runs the engine with bf16 weights on a CPU with native bf16 (the loop stays fp32,
+the common approach).
 
-Run: .venv/bin/python benchmarks/bench_infer.py [--path clip|siglip|vlm-embed] [--images 256] [--queries 64]
-     [--batch-size 32] [--workers N]
+Run: .venv/bin/python benchmarks/bench_infer.py [--path clip|siglip|vlm-embed|clip-b16|siglip-b16] [--images 256]
+     [--queries 64] [--batch-size 32] [--workers N] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -82,6 +85,20 @@ def seed_approach(model: torch.nn.Module, transform, tokenizer, gallery: Path, c
     return (img @ txt.T).T
 
 
+def real_size_folder(root: Path, name: str) -> Path:
+    """open_clip's own config `name` (ViT-B-16, ViT-B-16-SigLIP) with random weights as an open_clip folder; SigLIP
+    gets the tests' word-level HF tokenizer (ids well inside its 32,000-token vocabulary)."""
+    import open_clip
+    from encoder_kit import SIGLIP_PREPROCESS, hf_word_tokenizer, write_open_clip_folder
+
+    siglip = "SigLIP" in name
+    preprocess = SIGLIP_PREPROCESS if siglip else None
+    folder = write_open_clip_folder(root / name, open_clip.get_model_config(name), preprocess)
+    if siglip:
+        hf_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def siglip_folder(root: Path) -> Path:
     """An open_clip SigLIP folder the size of SMALL_CFG: 112 px, patch 16, width 192 x 4; text 192 x 2, 64 tokens."""
     from encoder_kit import (
@@ -123,10 +140,15 @@ def vlm_loop(model, gallery: Path, captions: list[str]) -> np.ndarray:
     return (img @ txt.T).T
 
 
+REAL_SIZE = {"clip-b16": "ViT-B-16", "siglip-b16": "ViT-B-16-SigLIP"}
+
+
 def build(path: str, root: Path):
     """(model, one-at-a-time loop) of a benchmark path."""
     if path == "siglip":
         return load_model("clip", siglip_folder(root)), siglip_loop
+    if path in REAL_SIZE:
+        return load_model("clip", real_size_folder(root, REAL_SIZE[path])), siglip_loop
     if path == "vlm-embed":
         from encoder_kit import write_qwen2_vl_folder
 
@@ -141,11 +163,12 @@ def build(path: str, root: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--path", choices=("clip", "siglip", "vlm-embed"), default="clip")
+    ap.add_argument("--path", choices=("clip", "siglip", "vlm-embed", *REAL_SIZE), default="clip")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=default_num_workers())
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the engine's (the loop: fp32)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,15 +187,15 @@ def main() -> None:
 
         t = time.perf_counter()
         sims = infer(model, gallery, queries, root / "engine.pt", batch_size=args.batch_size,
-                     num_workers=args.workers, use_cache=False, device="cpu")  # fmt: skip
+                     num_workers=args.workers, use_cache=False, device="cpu", precision=args.precision)  # fmt: skip
         t_engine = time.perf_counter() - t
         t = time.perf_counter()
         infer(model, gallery, queries, root / "warm.pt", batch_size=args.batch_size, num_workers=args.workers,
-              cache_dir=root / "cache", device="cpu")  # fmt: skip
+              cache_dir=root / "cache", device="cpu", precision=args.precision)  # fmt: skip
         t_cold_cached = time.perf_counter() - t
         t = time.perf_counter()
         infer(model, gallery, queries, root / "warm.pt", batch_size=args.batch_size, num_workers=args.workers,
-              cache_dir=root / "cache", device="cpu")  # fmt: skip
+              cache_dir=root / "cache", device="cpu", precision=args.precision)  # fmt: skip
         t_warm = time.perf_counter() - t
 
         # Same numbers once the seed's listdir columns are put in id order.
@@ -187,7 +210,7 @@ def main() -> None:
     )
     print(f"seed approach : {t_seed:7.2f} s  {n / t_seed:8.1f} images/s (batch 1, listdir, numpy per item)")
     print(f"tpas engine   : {t_engine:7.2f} s  {n / t_engine:8.1f} images/s "
-          f"(batch {args.batch_size}, {args.workers} workers, no cache)")  # fmt: skip
+          f"(batch {args.batch_size}, {args.workers} workers, {args.precision}, no cache)")  # fmt: skip
     print(f"ratio         : {t_seed / t_engine:7.2f}x")
     print(f"engine, cache being filled: {t_cold_cached:.2f} s; re-run from cache: {t_warm:.2f} s "
           f"({n / t_warm:.0f} images/s)")  # fmt: skip

@@ -255,6 +255,40 @@ def check_tta_hflip(
     return runs["flip"]
 
 
+def check_cpu_bf16(
+    model: Any, images: Path, queries: Path, tmp: Path, pose: Path | None = None, rerank: bool = False
+) -> SimsMatrix | None:
+    """`precision="bf16"` on the CPU: where the CPU has native bf16, the run computes in bf16 (its matrices differ
+    from fp32's, ITC by < 0.05, re-ranked finals by < 0.2: the tiny models' ITM heads are scaled up, and CMP
+    min-max-normalises, which widens bf16's ~0.4% per op), meta says so, and the model's fp32 weights are
+    bit-identical afterwards; elsewhere one TpasInputError. Returns the bf16 run (None where refused)."""
+    import pytest
+
+    from tpas.errors import TpasInputError
+    from tpas.models.engine import infer, itc_path_for
+    from tpas.runtime import cpu_has_bf16
+
+    k = len(list(images.rglob("*.*"))) if rerank else None
+    run = dict(pose_dir=pose, rerank_k=k, batch_size=3, num_workers=0, use_cache=False, device="cpu")
+    if not cpu_has_bf16():
+        with pytest.raises(TpasInputError, match="needs native bf16"):
+            infer(model, images, queries, tmp / "bf16.pt", precision="bf16", **run)
+        return None
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    fp32 = infer(model, images, queries, tmp / "fp32.pt", **run)
+    bf16 = infer(model, images, queries, tmp / "bf16.pt", precision="bf16", **run)
+    after = model.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+    assert bf16.meta["precision"] == "bf16" and fp32.meta["precision"] == "fp32"
+    pairs = [(fp32, bf16, 0.2 if rerank else 0.05)]
+    if rerank:
+        pairs.append((*(SimsMatrix.load(itc_path_for(tmp / f"{n}.pt")) for n in ("fp32", "bf16")), 0.05))
+    for a, b, tol in pairs:
+        diff = (a.to_dense() - b.to_dense()).abs().max().item()
+        assert 0 < diff < tol, (a.source, diff)  # bf16 really ran, and close to fp32
+    return bf16
+
+
 def write_hf_dual_folder(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A tiny SiglipModel / Siglip2Model (NaFlex, patch 8, 16 patches) / CLIPModel with its processor, saved as a
     transformers folder; text towers over `word_vocab()` with 64 positions (CLIP: 16-d projections)."""

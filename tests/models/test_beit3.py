@@ -507,3 +507,11 @@ def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs(tiny, gallery, tmp_pat
     code, output = run_cli(capsys, *args, "--tokenizer", spm, "--tta", "hflip", "--out", out, "--no-cache")
     assert code == 0, output
     torch.testing.assert_close(SimsMatrix.load(out).scores, flip.scores, atol=1e-5, rtol=0)
+
+
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(tiny, gallery, tmp_path):
+    from encoder_kit import check_cpu_bf16
+
+    ckpt, spm = tiny
+    images, queries, _ = gallery
+    check_cpu_bf16(load_model("beit3", ckpt, tokenizer=spm), images, queries, tmp_path)

@@ -376,3 +376,20 @@ def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(co
     )  # fmt: skip
     assert code == 0, output
     torch.testing.assert_close(SimsMatrix.load(out).scores, flip.scores, atol=1e-5, rtol=0)
+
+
+def test_cpu_bf16_casts_the_vit_only_and_restores_fp32(converted, tmp_path):
+    from encoder_kit import check_cpu_bf16
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i, image in enumerate(_images(4, seed=3)):
+        image.save(gallery / f"g{i}.png")
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(CAPTIONS) + "\n")
+    model = load_model("blip2", converted["pretrain_vitL"])
+    dtypes = {}
+    hook = model.hf.qformer.register_forward_pre_hook(lambda m, a, kw: dtypes.update(qformer=m.dtype), with_kwargs=True)
+    check_cpu_bf16(model, gallery, queries, tmp_path, rerank=True)
+    hook.remove()
+    assert dtypes["qformer"] == torch.float32  # as under GPU autocast, the Q-Former stays fp32

@@ -230,3 +230,42 @@ def test_shipped_config_refuses_a_checkpoint_it_does_not_describe(tiny_gallery: 
     other.write_text("family: beit3\n")
     r = _cli(tiny_gallery, tmp_path / "o.pt", "--checkpoint", str(files.torchscript), "--config", str(other))
     assert isinstance(r.exception, TpasInputError) and "not 'clip'" in str(r.exception)
+
+
+def test_cpu_bf16_through_the_cli_equals_open_clips_own_bf16_forward(
+    tiny_gallery: TinyGallery, files: SimpleNamespace, clip_kit: SimpleNamespace, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from tpas.runtime import cpu_has_bf16
+
+    args = ["--checkpoint", str(files.hf_st), "--no-cache", "--device", "cpu", "--precision", "bf16"]
+    out = tmp_path / "bf16.pt"
+    if cpu_has_bf16():
+        # One batch of every image (and of every caption): bf16 results depend on the batch's composition.
+        r = _cli(tiny_gallery, out, *args, "--batch-size", str(len(tiny_gallery.gallery_ids)))
+        assert r.exit_code == 0, (r.output, r.exception)
+        oc = _oc()
+        model = oc.model.CLIP(**clip_kit.cfg).eval()
+        model.load_state_dict(files.plain)
+        model = model.to(torch.bfloat16)
+        tf = oc.image_transform(clip_kit.cfg["vision_cfg"]["image_size"], is_train=False)
+        paths = {p.stem: p for p in tiny_gallery.images.rglob("*.jpg")}
+        with torch.no_grad():
+            pixels = torch.stack([tf(Image.open(paths[i])) for i in tiny_gallery.gallery_ids]).bfloat16()
+            norm = torch.nn.functional.normalize  # in fp32, of the bf16 features
+            img = norm(model.encode_image(pixels).float(), dim=-1)
+            txt = norm(model.encode_text(oc.tokenize(tiny_gallery.captions)).float(), dim=-1)
+        m = SimsMatrix.load(out)
+        torch.testing.assert_close(m.scores, txt @ img.T, atol=1e-6, rtol=0)
+        assert m.meta["precision"] == "bf16"
+        assert (m.scores - _reference_sims(tiny_gallery, files.plain, clip_kit.cfg)).abs().max() > 1e-4
+    from tpas.cli import main
+
+    monkeypatch.setattr("tpas.runtime.cpu_has_bf16", lambda: False)
+    refused = tmp_path / "refused.pt"
+    argv = ["infer", "clip", "--images", str(tiny_gallery.images), "--queries", str(tiny_gallery.queries), *args]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(refused)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "needs native bf16" in err, err
+    assert not refused.exists()

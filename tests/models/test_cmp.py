@@ -422,3 +422,10 @@ def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(ti
     cli = SimsMatrix.load(out)
     torch.testing.assert_close(cli.scores, flip.scores, atol=1e-5, rtol=0)
     assert cli.meta["model"]["tta"] == "hflip"
+
+
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(tiny_ckpt, tmp_path):
+    from encoder_kit import check_cpu_bf16
+
+    model = load_model("cmp", tiny_ckpt["ckpt"], vocab=tiny_ckpt["vocab"])
+    check_cpu_bf16(model, tiny_ckpt["images"], tiny_ckpt["queries"], tmp_path, tiny_ckpt["pose"], rerank=True)

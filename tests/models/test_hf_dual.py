@@ -177,3 +177,12 @@ def test_family_options_through_the_cli(dual: SimpleNamespace, tiny_gallery: Tin
     torch.testing.assert_close(m.scores, lib.scores, atol=0, rtol=0)
     r = CliRunner().invoke(app, [*args[:-2], "--tta", "vflip"])
     assert isinstance(r.exception, TpasInputError) and "--tta must be one of" in str(r.exception)  # main(): exit 2
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2", "clip"])
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(
+    kind: str, dual: SimpleNamespace, tiny_gallery: TinyGallery, tmp_path: Path
+) -> None:
+    from encoder_kit import check_cpu_bf16
+
+    check_cpu_bf16(load_model("hf-dual", getattr(dual, kind)), tiny_gallery.images, tiny_gallery.queries, tmp_path)

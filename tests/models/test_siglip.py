@@ -223,3 +223,13 @@ def test_tta_hflip_is_the_mean_of_the_image_and_its_mirror(
     with pytest.raises(TpasInputError, match=r"--tta must be one of .*'vflip'"):
         load_model("clip", folders.siglip, tta="vflip")
     assert json.dumps(flip.meta["model"])  # JSON-able
+
+
+@pytest.mark.parametrize("kind", ["siglip", "eva"])
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(
+    kind: str, tiny_gallery: TinyGallery, folders: SimpleNamespace, tmp_path: Path
+) -> None:
+    from encoder_kit import check_cpu_bf16
+
+    model = load_model("clip", getattr(folders, kind))
+    check_cpu_bf16(model, tiny_gallery.images, tiny_gallery.queries, tmp_path)

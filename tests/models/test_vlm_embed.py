@@ -224,3 +224,9 @@ def test_a_batch_is_padded_only_as_far_as_its_own_items_need(qwen: Path, tiny_ga
         assert batch["pixel_values"].shape == (len(group), most, items[0]["pixel_values"].shape[1])
         for row, it in zip(batch["input_ids"], group, strict=True):  # left padding: each prompt ends the row
             torch.testing.assert_close(row[longest - it["input_ids"].shape[0] :], it["input_ids"])
+
+
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(qwen: Path, tiny_gallery: TinyGallery, tmp_path: Path) -> None:
+    from encoder_kit import check_cpu_bf16
+
+    check_cpu_bf16(load_model("vlm-embed", qwen, **SMALL), tiny_gallery.images, tiny_gallery.queries, tmp_path)

@@ -85,6 +85,20 @@ def test_no_cache_leaves_nothing_behind(vlm_dirs, gallery, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cand.pt", "data", "vlm.pt"]
 
 
+def test_cpu_bf16_loads_bf16_weights_and_scores_close_to_fp32(vlm_dirs, gallery, tmp_path) -> None:
+    from tpas.runtime import cpu_has_bf16
+
+    model = VLMReranker.from_checkpoint(vlm_dirs["qwen2_vl"])
+    if not cpu_has_bf16():
+        with pytest.raises(TpasInputError, match="needs native bf16"):
+            _infer(model, gallery, tmp_path, device="cpu", precision="bf16")
+        return
+    fp32 = _infer(model, gallery, tmp_path, "fp32.pt", device="cpu", use_cache=False)
+    bf16 = _infer(model, gallery, tmp_path, "bf16.pt", device="cpu", precision="bf16", use_cache=False)
+    assert bf16.meta["precision"] == "bf16" and torch.equal(bf16.indices, fp32.indices)
+    assert 0 < (bf16.values - fp32.values).abs().max() < 0.15  # logit margins of about +-2; bf16 keeps ~3 digits
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 def _lora(base_dir: Path, out: Path, scale: float | None) -> Path:
     """A LoRA on the text attention of the model in `base_dir`; `scale` None keeps peft's zero-initialised B."""

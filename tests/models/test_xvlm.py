@@ -391,3 +391,10 @@ def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(ki
     cli = SimsMatrix.load(out)
     torch.testing.assert_close(cli.scores, flip.scores, atol=1e-5, rtol=0)
     assert cli.meta["model"]["tta"] == "hflip"
+
+
+def test_cpu_bf16_runs_bf16_weights_and_restores_fp32(kit, tmp_path):
+    from encoder_kit import check_cpu_bf16
+
+    model = load_model(kit["family"], kit["ckpt"], vocab=kit["vocab"])
+    check_cpu_bf16(model, kit["g"].images, kit["g"].queries, tmp_path, rerank=True)

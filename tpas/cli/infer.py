@@ -71,7 +71,9 @@ def infer_family(
         Path | None, typer.Option("--candidates", help="Take the top-k to re-rank from this SimsMatrix.")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | bf16 (autocast, CUDA only).")] = "fp32",
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32 | fp16 | bf16 (CUDA autocast; bf16 also on a bf16-capable CPU).")
+    ] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images, captions or pairs per batch.")] = 32,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Decoding worker processes (default: CPU cores - 1, max 8).")

@@ -77,6 +77,9 @@ class RetrievalModel(torch.nn.Module):
     needs_pose: bool = False
     # The file the weights came from (set by `load_model`); its sha256 keys the feature cache and goes into meta.
     checkpoint_path: Path | None = None
+    # The submodules whose weights a CPU bf16 run casts to bf16 (`tpas.runtime.Precision.cast_weights`); "" is the
+    # whole model. A family whose reference keeps parts in fp32 (BLIP-2's Q-Former) names the others.
+    bf16_modules: ClassVar[tuple[str, ...]] = ("",)
 
     @classmethod
     def from_checkpoint(cls, path: Path | None, config: dict[str, Any] | None = None, **options: Any) -> RetrievalModel:

@@ -168,6 +168,7 @@ class Blip2Model(RetrievalModel):
     """BLIP-2 Q-Former ITC + ITM (LAVIS pretrain / pretrain_vitL) on `Blip2ForImageTextRetrieval`."""
 
     has_match_head: ClassVar[bool] = True
+    bf16_modules = ("hf.vision_model",)  # as under GPU autocast: the Q-Former, projections and ITM head stay fp32
     options = (
         FamilyOption(
             "itc_score",

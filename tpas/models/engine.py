@@ -2,9 +2,9 @@
 
 `infer` lists the gallery (sorted ids), decodes and preprocesses images in DataLoader workers with the family's own
 `preprocess` (batched there by its `image_collate` when items differ in size), encodes them in batches under
-`torch.inference_mode` (autocast fp16/bf16 on CUDA), and writes every encoded batch to a feature store on disk, so a
-killed run resumes where it stopped. Texts are tokenized and encoded in batches; the first-stage matrix is
-`model.similarity(text, image)`. Families with a matching head can re-rank each
+`torch.inference_mode` (autocast fp16/bf16 on CUDA; bf16 weights on a CPU with native bf16), and writes every
+encoded batch to a feature store on disk, so a killed run resumes where it stopped. Texts are tokenized and encoded
+in batches; the first-stage matrix is `model.similarity(text, image)`. Families with a matching head can re-rank each
 query's top-k (by their own ITC, or by another model's matrix) with `model.match`, in batches of (query, image) pairs
 gathered across queries; the per-image states `match` needs stay in the store on disk and are read back only for the
 images a batch uses, so a 36,773-image gallery never has to sit in memory as cross-attention states.
@@ -219,7 +219,8 @@ def infer(
         batch_size: images / captions / (query, image) pairs per forward pass.
         num_workers: DataLoader worker processes for decoding (None: `default_num_workers()`; 0: in-process).
         device: "auto", "cpu", "cuda", "cuda:N" (`tpas.runtime.resolve_device`).
-        precision: "fp32", or "fp16"/"bf16" autocast (CUDA only; `tpas.runtime.precision_policy`).
+        precision: "fp32", or "fp16"/"bf16" autocast on CUDA; "bf16" on a CPU with native bf16 runs bf16 weights
+            (restored afterwards; `tpas.runtime.precision_policy`).
         cache_dir: feature cache root (default `default_cache_dir()`).
         use_cache: False encodes everything afresh into a temporary store that is removed at the end.
         skip_bad_images: record unreadable images in meta (their column scores the row minimum) instead of stopping.
@@ -249,14 +250,17 @@ def infer(
     gallery_ids = [g.id for g in gallery]
     cand = load_candidates(candidates, query_ids, gallery_ids, rerank_k) if candidates is not None else None
     dev = resolve_device(device)
-    amp = precision_policy(dev, precision)
+    amp = precision_policy(dev, precision, cpu_bf16=True)
     if keep_top is None:
         check_dense_fits(len(qs), len(gallery), what="ITC score matrix")
 
     with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
         run = _Run(model, dev, amp.autocast, batch_size, progress, dist)
         model.to(dev).eval()
-        with _feature_store(run, out, cache_dir, use_cache, precision) as (store, sha):
+        with (
+            _feature_store(run, out, cache_dir, use_cache, precision) as (store, sha),
+            amp.cast_weights(model, model.bf16_modules),
+        ):
             keys, poses = _gallery_keys(gallery, Path(images_dir), pose_dir)
             states = rerank_k is not None
             bad = _encode_gallery(run, store, gallery, keys, poses, num_workers, skip_bad_images, states)

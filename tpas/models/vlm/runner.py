@@ -199,7 +199,7 @@ def rerank_candidates(
     paths = [g.path for g in gallery]
 
     dev = resolve_device(device)
-    dtype = precision_policy(dev, precision).dtype  # validated for the device; the weights themselves load in it
+    dtype = precision_policy(dev, precision, cpu_bf16=True).dtype  # checked for the device; weights load in it
     with distributed(dev) as dist, out_of_memory_hint(batch_size, dev):
         tmp_store: Path | None = None
         try:
