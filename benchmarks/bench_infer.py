@@ -1,4 +1,4 @@
-"""Inference engine vs the seed scripts' approach, same small CLIP, CPU.
+"""Inference engine vs the seed scripts' one-item-at-a-time approach, same model, on the CPU (or `--device cuda`).
 
 Seed approach (clip_infer.py): `os.listdir` order, one image at a time (decode, transform, encode with batch size 1),
 features to numpy per item, L2-normalised in numpy; captions encoded one at a time; sims = (img @ txt.T).T.
@@ -13,7 +13,7 @@ configs, 224 px). `--precision bf16` runs the engine with bf16 weights on a CPU 
 the common approach).
 
 Run: .venv/bin/python benchmarks/bench_infer.py [--path clip|siglip|vlm-embed|clip-b16|siglip-b16] [--images 256]
-     [--queries 64] [--batch-size 32] [--workers N] [--precision fp32|bf16]
+     [--queries 64] [--batch-size 32] [--workers N] [--precision fp32|fp16|bf16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def make_data(root: Path, n_images: int, n_queries: int) -> tuple[Path, Path]:
 
 
 def seed_approach(model: torch.nn.Module, transform, tokenizer, gallery: Path, captions: list[str]) -> np.ndarray:
-    """The seed's loop: listdir order, batch size 1, numpy per item."""
+    """The seed's loop: listdir order, batch size 1, numpy per item (on the model's device)."""
+    dev = next(model.parameters()).device
     feats = []
     for name in os.listdir(gallery):
         image = Image.open(os.path.join(gallery, name))
-        x = transform(image).unsqueeze(0)
+        x = transform(image).unsqueeze(0).to(dev)
         with torch.no_grad():
             f = model.encode_image(x).float().cpu().numpy()
         feats.append(f / np.linalg.norm(f, axis=-1, keepdims=True))
@@ -79,7 +80,7 @@ def seed_approach(model: torch.nn.Module, transform, tokenizer, gallery: Path, c
     texts = []
     for c in captions:
         with torch.no_grad():
-            t = model.encode_text(tokenizer([c])).float().cpu().numpy()
+            t = model.encode_text(tokenizer([c]).to(dev)).float().cpu().numpy()
         texts.append(t / np.linalg.norm(t, axis=-1, keepdims=True))
     txt = np.concatenate(texts)
     return (img @ txt.T).T
@@ -127,9 +128,9 @@ def vlm_loop(model, gallery: Path, captions: list[str]) -> np.ndarray:
     proc, net = model.processor, model.model
 
     def embed(text: str, image=None) -> np.ndarray:
-        inputs = proc(text=[text], images=None if image is None else [image], return_tensors="pt")
+        inputs = proc(text=[text], images=None if image is None else [image], return_tensors="pt").to(net.device)
         with torch.no_grad():
-            f = net(**inputs).last_hidden_state[:, -1].float().numpy()
+            f = net(**inputs).last_hidden_state[:, -1].float().cpu().numpy()
         return f / np.linalg.norm(f, axis=-1, keepdims=True)
 
     img = np.concatenate(
@@ -168,7 +169,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=default_num_workers())
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the engine's (the loop: fp32)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="the engine's (loop: fp32)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where both the loop and the engine run")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,22 +182,23 @@ def main() -> None:
         captions = [q.caption for q in read_queries(queries)]
 
         # Warm-up both paths on a few items (first-call allocations, lazy imports).
+        model.to(args.device)
         loop(model, gallery, captions[:2])
         t = time.perf_counter()
         seed = loop(model, gallery, captions)
         t_seed = time.perf_counter() - t
 
         t = time.perf_counter()
-        sims = infer(model, gallery, queries, root / "engine.pt", batch_size=args.batch_size,
-                     num_workers=args.workers, use_cache=False, device="cpu", precision=args.precision)  # fmt: skip
+        sims = infer(model, gallery, queries, root / "engine.pt", batch_size=args.batch_size, num_workers=args.workers,
+                     use_cache=False, device=args.device, precision=args.precision)  # fmt: skip
         t_engine = time.perf_counter() - t
         t = time.perf_counter()
         infer(model, gallery, queries, root / "warm.pt", batch_size=args.batch_size, num_workers=args.workers,
-              cache_dir=root / "cache", device="cpu", precision=args.precision)  # fmt: skip
+              cache_dir=root / "cache", device=args.device, precision=args.precision)  # fmt: skip
         t_cold_cached = time.perf_counter() - t
         t = time.perf_counter()
         infer(model, gallery, queries, root / "warm.pt", batch_size=args.batch_size, num_workers=args.workers,
-              cache_dir=root / "cache", device="cpu", precision=args.precision)  # fmt: skip
+              cache_dir=root / "cache", device=args.device, precision=args.precision)  # fmt: skip
         t_warm = time.perf_counter() - t
 
         # Same numbers once the seed's listdir columns are put in id order.
@@ -203,7 +206,8 @@ def main() -> None:
         diff = float(np.abs(sims.scores.numpy()[:, order] - seed).max())
 
     n = args.images
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"machine: {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
         f"path {args.path}: {model.describe().get('arch', model.family)}, {n} images 128x256 JPEG, "
         f"{args.queries} queries"
