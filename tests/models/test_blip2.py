@@ -353,17 +353,23 @@ def test_shipped_config_describes_the_released_pretrain_vitL_model():
 
 
 # ---------------------------------------------------------------------------------------------- test-time flip
+def _gallery_and_queries(root: Path) -> tuple[Path, Path]:
+    """Four PNG images (lossless, so re-runs see the same pixels) and the CAPTIONS as a plain query file."""
+    gallery = root / "gallery"
+    gallery.mkdir()
+    for i, image in enumerate(_images(4, seed=3)):
+        image.save(gallery / f"g{i}.png")
+    queries = root / "queries.txt"
+    queries.write_text("\n".join(CAPTIONS) + "\n")
+    return gallery, queries
+
+
 def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(converted, tmp_path, capsys):
     from encoder_kit import check_tta_hflip
 
     from tpas.sims import SimsMatrix
 
-    gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    for i, image in enumerate(_images(4, seed=3)):
-        image.save(gallery / f"g{i}.png")
-    queries = tmp_path / "queries.txt"
-    queries.write_text("\n".join(CAPTIONS) + "\n")
+    gallery, queries = _gallery_and_queries(tmp_path)
     folder = converted["pretrain_vitL"]
     flip = check_tta_hflip(
         lambda **o: load_model("blip2", folder, **o), gallery, queries, tmp_path / "run", rerank=True
@@ -381,12 +387,7 @@ def test_tta_hflip_is_the_mean_of_plain_and_mirrored_runs_and_keeps_plain_itm(co
 def test_cpu_bf16_casts_the_vit_only_and_restores_fp32(converted, tmp_path):
     from encoder_kit import check_cpu_bf16
 
-    gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    for i, image in enumerate(_images(4, seed=3)):
-        image.save(gallery / f"g{i}.png")
-    queries = tmp_path / "queries.txt"
-    queries.write_text("\n".join(CAPTIONS) + "\n")
+    gallery, queries = _gallery_and_queries(tmp_path)
     model = load_model("blip2", converted["pretrain_vitL"])
     dtypes = {}
     hook = model.hf.qformer.register_forward_pre_hook(lambda m, a, kw: dtypes.update(qformer=m.dtype), with_kwargs=True)
